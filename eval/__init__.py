@@ -1,0 +1,1 @@
+"""Metrics, evaluations, benchmarks and reports."""

@@ -1,0 +1,1 @@
+"""Document loading, sentence splitting, chunking and the ingestion job."""

@@ -1,0 +1,184 @@
+"""The `kvrag` command line: ingest, delete, ask, stats, cache, serve, bench, eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from functools import cache
+from pathlib import Path
+
+from rag.config import Settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {"data_dir": args.data_dir} if args.data_dir else {}
+    return Settings(**overrides)
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def _kv_evictor(settings: Settings):
+    """Deletes the chunk caches of removed chunks (the model loads only if some were removed)."""
+
+    @cache
+    def rag():
+        from rag.pipeline import RAG
+
+        return RAG(settings)
+
+    def on_removed(chunks) -> None:
+        r = rag()
+        for c in chunks:
+            r.store.delete(r.engine.chunk_key(r.engine.prompts.chunk_ids(c.text)))
+
+    return on_removed
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from ingest.job import ingest
+
+    s = _settings(args)
+    summary = ingest(args.paths, s, chunker=args.chunker, chunk_size=args.chunk_size,
+                     delete_missing=args.delete_missing, on_removed=_kv_evictor(s), progress=not args.json)
+    if args.json:
+        _print_json(summary.as_dict())
+    else:
+        print(f"files {summary.files}: {summary.added} added, {summary.updated} updated, "
+              f"{summary.unchanged} unchanged, {summary.deleted} deleted, {len(summary.failed)} failed")
+        print(f"chunks +{summary.chunks_added} -{summary.chunks_removed}; {summary.tokens} tokens in "
+              f"{summary.seconds:.1f} s ({summary.tokens_per_s:.0f} tokens/s)")
+        for path, reason in summary.failed:
+            print(f"  skipped {path}: {reason}", file=sys.stderr)
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from ingest.job import delete_documents
+
+    s = _settings(args)
+    try:
+        removed = delete_documents(args.doc_ids, s, on_removed=_kv_evictor(s))
+    except KeyError as e:
+        print(f"no such document: {e.args[0]}", file=sys.stderr)
+        return 1
+    for doc_id, n in removed.items():
+        print(f"deleted {doc_id} ({n} chunks)")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from rag.pipeline import RAG
+
+    rag = RAG(_settings(args))
+    if len(rag.index) == 0:
+        print("the index is empty: run `kvrag ingest PATH` first", file=sys.stderr)
+        return 1
+    stream = None if args.json else (lambda t: print(t, end="", flush=True))
+    ans = rag.answer(args.question, k=args.k, mode=args.mode, ratio=args.ratio,
+                     max_new_tokens=args.max_tokens, temperature=args.temperature, on_text=stream)
+    if args.json:
+        _print_json(ans.as_dict())
+        return 0
+    print("\n\nSources:")
+    for i, h in enumerate(ans.hits, 1):
+        excerpt = " ".join(h.chunk.text.split())[:160]
+        print(f"  [{i}] {h.chunk.doc_id} chars {h.chunk.start}-{h.chunk.end} (score {h.score:.3f}): {excerpt}...")
+    t = ans.timings_ms
+    print(f"\nmode {ans.mode}; retrieve {t['retrieve']:.0f} ms, kv load {t['kv_load']:.0f} ms, "
+          f"prefill {t['prefill']:.0f} ms, ttft {t['ttft']:.0f} ms, total {t['total']:.0f} ms")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from rag.docstore import Docstore
+    from rag.embedder import Embedder
+    from rag.index_store import IndexStore
+
+    s = _settings(args)
+    store = IndexStore(s.index_dir, Embedder(s.embedder).dim)
+    docstore, index = store.open()
+    gen = store.current_dir()
+    out = {**docstore.counts(), "index_vectors": len(index), "generation": gen.name if gen else None,
+           "data_dir": str(s.data_dir)}
+    if isinstance(docstore, Docstore):
+        out["documents_list"] = [d["doc_id"] for d in docstore.list_documents()]
+    kv_dir = s.kv_dir
+    kv_files = list(kv_dir.rglob("*")) if kv_dir.exists() else []
+    out["kv_disk"] = {"entries": sum(1 for f in kv_files if f.is_file()),
+                      "bytes": sum(f.stat().st_size for f in kv_files if f.is_file())}
+    if args.json:
+        _print_json(out)
+    else:
+        for key, val in out.items():
+            print(f"{key}: {val}")
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from rag.pipeline import RAG
+
+    rag = RAG(_settings(args))
+    if args.action == "clear":
+        rag.store.clear()
+        print("cleared:", ", ".join(rag.store.tier_names))
+        return 0
+    with tqdm(total=len(rag.index), desc="warm", unit="chunk") as bar:
+        computed = rag.warm(progress=bar.update)
+    print(f"{computed} chunk caches computed, {len(rag.index) - computed} already present")
+    _print_json(rag.store.stats())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvrag", description=__doc__)
+    p.add_argument("--data-dir", type=Path, default=None, help="default ./kvrag_data or $KVRAG_DATA_DIR")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("ingest", help="add or update documents (files or folders)")
+    s.add_argument("paths", nargs="+")
+    s.add_argument("--chunker", default=None)
+    s.add_argument("--chunk-size", type=int, default=None)
+    s.add_argument("--delete-missing", action="store_true", help="remove documents under PATHs that are gone")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("delete", help="remove documents by id")
+    s.add_argument("doc_ids", nargs="+")
+    s.set_defaults(func=cmd_delete)
+
+    s = sub.add_parser("ask", help="answer a question from the indexed documents")
+    s.add_argument("question")
+    s.add_argument("--k", type=int, default=None)
+    s.add_argument("--mode", choices=["full", "reuse", "blend"], default=None)
+    s.add_argument("--ratio", type=float, default=None, help="blend recompute ratio (default 0.15)")
+    s.add_argument("--max-tokens", type=int, default=None)
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_ask)
+
+    s = sub.add_parser("stats", help="documents, chunks, index size, chunk caches")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_stats)
+
+    s = sub.add_parser("cache", help="precompute (warm) or empty (clear) the chunk-KV store")
+    s.add_argument("action", choices=["warm", "clear"])
+    s.set_defaults(func=cmd_cache)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Generation: prefill (full, or blended from chunk caches), then decode.
+
+The header's K/V is computed once per engine and copied into each request's
+buffer (prefix caching); everything after it is either prefilled in full or
+blended (rag.blend); decoding then writes one token per step into the same
+preallocated buffer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from cache.entry import ChunkKV
+from cache.keys import chunk_key
+from rag.blend import blend_prefill
+from rag.kv_cache import KVCache
+from rag.model_loader import LoadedModel
+from rag.prompt import LAYOUT_VERSION, Prompt, PromptBuilder
+from rag.sampling import sample
+
+MODES = ("full", "reuse", "blend")
+KV_STORE_DTYPE = {torch.float32: torch.bfloat16, torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
+
+
+@dataclass
+class Prefill:
+    cache: KVCache
+    logits: torch.Tensor  # [n_footer, vocab] float32: next-token logits at each question position
+    reused: int = 0
+    recomputed: int = 0
+    computed: int = 0
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop", "length" or "context"
+    prompt_tokens: int
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, lm: LoadedModel, system_prompt: str, max_context: int = 8192):
+        self.lm = lm
+        self.model = lm.model
+        self.tokenizer = lm.tokenizer
+        self.prompts = PromptBuilder(lm.tokenizer, system_prompt)
+        self.max_context = min(max_context, self.model.args.max_positions)
+        self.kv_dtype = KV_STORE_DTYPE[self.model.dtype]
+        self._header_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- prefix (header) cache -------------------------------------------------
+    def header_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._header_kv is None:
+            header = self.prompts.header
+            cache = self.model.new_cache(len(header))
+            self.model(torch.tensor([header], device=self.model.device), cache, 0, logits_for=None)
+            k, v = cache.view(0, len(header))
+            self._header_kv = (k.clone(), v.clone())
+        return self._header_kv
+
+    def new_cache(self, n_slots: int) -> KVCache:
+        """A request buffer of n_slots with the header's K/V already in place."""
+        if n_slots > self.max_context:
+            n_slots = self.max_context
+        cache = self.model.new_cache(n_slots)
+        k, v = self.header_kv()
+        cache.load(0, k, v)
+        cache.length = k.shape[2]
+        return cache
+
+    # -- chunk caches ----------------------------------------------------------
+    def chunk_key(self, chunk_ids: list[int]) -> str:
+        return chunk_key(self.lm.fingerprint, self.prompts.header_fingerprint, chunk_ids, LAYOUT_VERSION)
+
+    @torch.inference_mode()
+    def chunk_kv(self, chunk_ids: list[int]) -> ChunkKV:
+        """A chunk's K/V computed right behind the header (whose own K/V is dropped)."""
+        h = len(self.prompts.header)
+        cache = self.new_cache(h + len(chunk_ids))
+        self.model(torch.tensor([chunk_ids], device=self.model.device), cache, h, logits_for=None)
+        k, v = cache.view(h, h + len(chunk_ids))
+        return ChunkKV(k.to(self.kv_dtype).clone(), v.to(self.kv_dtype).clone(), base_position=h)
+
+    # -- prefill ---------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, prompt: Prompt, mode: str = "full", ratio: float = 0.15,
+                chunk_kvs: list[ChunkKV | None] | None = None, extra_slots: int = 0,
+                gradual: int = 1) -> Prefill:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if len(prompt) > self.max_context:
+            raise ValueError(f"prompt of {len(prompt)} tokens exceeds the context limit {self.max_context}")
+        cache = self.new_cache(len(prompt) + extra_slots)
+        h = len(prompt.header)
+        if mode == "full" or not prompt.chunks:
+            ids = torch.tensor([prompt.ids()[h:]], device=self.model.device)
+            logits = self.model(ids, cache, h, logits_for=slice(-len(prompt.footer), None))[0]
+            n = len(prompt) - h
+            return Prefill(cache, logits, reused=0, recomputed=n, computed=n)
+        kvs = chunk_kvs if chunk_kvs is not None else [self.chunk_kv(c) for c in prompt.chunks]
+        r = blend_prefill(self.model, cache, prompt, kvs, 0.0 if mode == "reuse" else ratio, gradual=gradual)
+        return Prefill(cache, r.logits, reused=r.reused, recomputed=r.recomputed, computed=r.computed)
+
+    # -- decode ----------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(
+        self,
+        pre: Prefill,
+        start: int,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: list[str] | None = None,
+        on_text: Callable[[str], bool | None] | None = None,
+        seed: int | None = None,
+    ) -> tuple[list[int], str, str, float]:
+        """Sample up to max_new_tokens; returns (ids, text, finish_reason, ttft_s).
+
+        `on_text(delta)` receives text as it is produced; returning False stops early
+        (a client that went away).
+        """
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        cache, logits = pre.cache, pre.logits[-1]
+        out: list[int] = []
+        text, finish, ttft = "", "length", 0.0
+        t0 = time.perf_counter()
+        step = torch.empty((1, 1), dtype=torch.long, device=self.model.device)
+        pos = start
+        for i in range(max_new_tokens):
+            tok = sample(logits, temperature, top_p, gen)
+            if i == 0:
+                ttft = time.perf_counter() - t0
+            if tok in self.tokenizer.stop_ids:
+                finish = "stop"
+                break
+            out.append(tok)
+            new_text = self.tokenizer.decode(out)
+            cut = _stop_at(new_text, stop)
+            if cut is not None:
+                new_text, finish = new_text[:cut], "stop"
+            delta, text = new_text[len(text):], new_text
+            if delta and on_text is not None and on_text(delta) is False:
+                finish = "cancelled"
+                break
+            if finish == "stop" or i == max_new_tokens - 1:
+                break
+            if pos >= cache.max_len:
+                finish = "context"
+                break
+            step[0, 0] = tok
+            logits = self.model(step, cache, pos)[0, -1]
+            pos += 1
+        return out, text, finish, ttft
+
+    def generate(self, prompt: Prompt, *, mode: str = "full", ratio: float = 0.15,
+                 chunk_kvs: list[ChunkKV | None] | None = None, max_new_tokens: int = 128,
+                 temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None,
+                 on_text: Callable[[str], bool | None] | None = None, seed: int | None = None) -> Generation:
+        t0 = time.perf_counter()
+        room = max(0, min(max_new_tokens, self.max_context - len(prompt)))
+        pre = self.prefill(prompt, mode, ratio, chunk_kvs, extra_slots=room)
+        t_prefill = time.perf_counter()
+        ids, text, finish, ttft = self.decode(pre, len(prompt), max(1, room) if room else 0,
+                                              temperature, top_p, stop, on_text, seed)
+        if room < max_new_tokens and finish == "length":
+            finish = "context"
+        t1 = time.perf_counter()
+        return Generation(
+            token_ids=ids, text=text.strip(), finish_reason=finish, prompt_tokens=len(prompt),
+            timings_ms={"prefill": 1000 * (t_prefill - t0), "ttft": 1000 * (t_prefill - t0 + ttft),
+                        "decode": 1000 * (t1 - t_prefill), "total": 1000 * (t1 - t0)},
+            stats={"reused_tokens": pre.reused, "recomputed_tokens": pre.recomputed,
+                   "computed_tokens": pre.computed, "completion_tokens": len(ids)},
+        )
+
+
+def _stop_at(text: str, stop: list[str] | None) -> int | None:
+    if not stop:
+        return None
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return min(cuts) if cuts else None

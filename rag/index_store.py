@@ -1,0 +1,91 @@
+"""Index generations: the docstore and the FAISS index, replaced together, atomically.
+
+Each ingestion run writes a new generation directory (a copy of the current one
+plus its changes) and then flips the `CURRENT` file to name it (write + rename).
+A crash or Ctrl-C before the flip leaves the previous generation untouched; the
+next run starts again from it. Readers open whatever CURRENT names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+from rag.docstore import Docstore
+from rag.vector_index import VectorIndex
+
+DOCSTORE = "docstore.sqlite"
+FAISS = "faiss.index"
+
+
+class IndexStore:
+    def __init__(self, root: Path, dim: int):
+        self.root = Path(root)
+        self.dim = dim
+
+    def current_dir(self) -> Path | None:
+        pointer = self.root / "CURRENT"
+        if not pointer.exists():
+            return None
+        gen = self.root / pointer.read_text().strip()
+        return gen if gen.is_dir() else None
+
+    def open(self) -> tuple[Docstore, VectorIndex]:
+        """The current generation for reading (an empty one if nothing was ingested yet)."""
+        gen = self.current_dir()
+        if gen is None:
+            return Docstore(":memory:"), VectorIndex(self.dim)
+        return Docstore(gen / DOCSTORE, readonly=True), VectorIndex.load(gen / FAISS, self.dim)
+
+    def _next_name(self) -> str:
+        gens = [int(p.name.split("-")[1]) for p in self.root.glob("gen-*") if p.name.split("-")[1].isdigit()]
+        return f"gen-{max(gens, default=0) + 1:06d}"
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[tuple[Docstore, VectorIndex]]:
+        """A writable copy of the current generation; committed only if the block succeeds."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        # Leftovers of an interrupted run are never CURRENT: drop them.
+        current = self.current_dir()
+        for stale in self.root.glob("gen-*"):
+            if stale != current:
+                shutil.rmtree(stale, ignore_errors=True)
+        new = self.root / self._next_name()
+        new.mkdir()
+        try:
+            if current is not None:
+                src = sqlite3.connect(f"file:{current / DOCSTORE}?mode=ro", uri=True)
+                dst = sqlite3.connect(new / DOCSTORE)
+                src.backup(dst)
+                src.close()
+                dst.close()
+            docstore = Docstore(new / DOCSTORE)
+            index = VectorIndex.load(current / FAISS, self.dim) if current else VectorIndex(self.dim)
+            yield docstore, index
+            docstore.commit()
+            docstore.close()
+            index.save(new / FAISS)
+            _fsync_dir(new)
+            tmp = self.root / "CURRENT.tmp"
+            tmp.write_text(new.name)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.root / "CURRENT")
+            _fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(new, ignore_errors=True)
+            raise
+        if current is not None:
+            shutil.rmtree(current, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

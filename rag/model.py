@@ -1,0 +1,227 @@
+"""A compact Llama-family decoder with explicit K/V buffers (Llama 2/3, Mistral, Qwen2, SmolLM).
+
+RMSNorm, RoPE, grouped-query attention through `scaled_dot_product_attention`,
+SwiGLU. Every forward takes token positions (for RoPE) and slots (where its K/V
+go in the buffer) explicitly, so the blend can recompute any subset of tokens at
+any place and the decoder can verify a draft tree. Checked against transformers'
+own logits in tests/test_model.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rag.kv_cache import KVCache
+
+# Query groups for masked attention: each group only reads keys up to its last
+# slot, so a causal pass skips about half the key blocks like is_causal does.
+ATTN_GROUP = 256
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    norm_eps: float
+    qkv_bias: bool
+    tie_embeddings: bool
+    max_positions: int
+    inv_freq: torch.Tensor  # [head_dim // 2], raw (unscaled) RoPE frequencies
+    rope_scale: float  # attention factor applied to cos/sin (YaRN etc.), 1.0 for most
+
+    @classmethod
+    def from_hf(cls, cfg) -> ModelArgs:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type == "default":
+            theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+            inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+            scale = 1.0
+        else:
+            inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](cfg, "cpu")
+        return cls(
+            vocab_size=cfg.vocab_size,
+            dim=cfg.hidden_size,
+            n_layers=cfg.num_hidden_layers,
+            n_heads=cfg.num_attention_heads,
+            n_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+            head_dim=head_dim,
+            ffn_dim=cfg.intermediate_size,
+            norm_eps=cfg.rms_norm_eps,
+            # Qwen2 has q/k/v biases without saying so in the config.
+            qkv_bias=bool(getattr(cfg, "attention_bias", False)) or cfg.model_type == "qwen2",
+            tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            max_positions=cfg.max_position_embeddings,
+            inv_freq=inv_freq.float(),
+            rope_scale=float(scale),
+        )
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, scale: float = 1.0):
+    """cos/sin [n, head_dim] for the given positions (non-interleaved halves, as in HF)."""
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos() * scale, emb.sin() * scale
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [..., n, head_dim]; cos/sin [n, head_dim] (already in x's dtype)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, contiguous_from: int | None
+) -> torch.Tensor:
+    """Attention where the query in slot s sees the keys in slots <= s.
+
+    q [B, H, T, D] with `slots` sorted ascending; k, v [B, KH, S, D] (the whole buffer).
+    A prompt from slot 0 uses SDPA's is_causal fast path; anything else (a prompt
+    over a past, the blend's scattered tokens) runs in groups with a boolean mask.
+    """
+    t = q.shape[2]
+    if contiguous_from == 0:
+        return F.scaled_dot_product_attention(q, k[:, :, :t], v[:, :, :t], is_causal=True, enable_gqa=True)
+    if t == 1:
+        end = int(slots[0]) + 1
+        return F.scaled_dot_product_attention(q, k[:, :, :end], v[:, :, :end], enable_gqa=True)
+    outs = []
+    for g in range(0, t, ATTN_GROUP):
+        group = slots[g:g + ATTN_GROUP]
+        end = int(group[-1]) + 1
+        mask = torch.arange(end, device=q.device)[None, :] <= group[:, None]
+        outs.append(F.scaled_dot_product_attention(
+            q[:, :, g:g + ATTN_GROUP], k[:, :, :end], v[:, :, :end], attn_mask=mask, enable_gqa=True))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.a = a
+        self.attn_norm = RMSNorm(a.dim, a.norm_eps)
+        self.wqkv = nn.Linear(a.dim, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, bias=a.qkv_bias)
+        self.wo = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
+        self.mlp_norm = RMSNorm(a.dim, a.norm_eps)
+        self.w_gate_up = nn.Linear(a.dim, 2 * a.ffn_dim, bias=False)
+        self.w_down = nn.Linear(a.ffn_dim, a.dim, bias=False)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, T, dim] -> rotated q [B, H, T, D], rotated k and v [B, KH, T, D]."""
+        a = self.a
+        b, t, _ = x.shape
+        qkv = self.wqkv(self.attn_norm(x))
+        q, k, v = qkv.split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim,
+                             a.n_kv_heads * a.head_dim], dim=-1)
+        q = q.view(b, t, a.n_heads, a.head_dim).transpose(1, 2)
+        k = k.view(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        v = v.view(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Output projection, residual and SwiGLU MLP. attn [B, H, T, D]."""
+        b, _, t, _ = attn.shape
+        x = x + self.wo(attn.transpose(1, 2).reshape(b, t, -1))
+        gate, up = self.w_gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.w_down(F.silu(gate) * up)
+
+
+class Transformer(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.args = a
+        self.embed = nn.Embedding(a.vocab_size, a.dim)
+        self.layers = nn.ModuleList(Block(a) for _ in range(a.n_layers))
+        self.norm = RMSNorm(a.dim, a.norm_eps)
+        self.lm_head = nn.Linear(a.dim, a.vocab_size, bias=False)
+        if a.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.register_buffer("inv_freq", a.inv_freq.clone(), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
+        a = self.args
+        return KVCache.allocate(a.n_layers, a.n_kv_heads, a.head_dim, max_len,
+                                batch=batch, dtype=self.dtype, device=self.device)
+
+    def rope(self, positions: torch.Tensor):
+        cos, sin = rope_cos_sin(self.inv_freq, positions, self.args.rope_scale)
+        return cos.to(self.dtype), sin.to(self.dtype)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(h)).float()
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        ids: torch.Tensor,
+        cache: KVCache,
+        start: int | None = None,
+        *,
+        positions: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        logits_for: slice | torch.Tensor | None = slice(-1, None),
+    ) -> torch.Tensor | None:
+        """Run tokens `ids` [B, T] through every layer, writing their K/V into `cache`.
+
+        Either `start` (a contiguous span: positions = slots = start..start+T) or
+        explicit `positions` / `slots` [T] (slots default to positions). `mask`
+        [T, S] (bool, True = may attend) overrides causal-by-slot attention over
+        slots [0, S), for tree verification. Returns float32 logits [B, n, V] for
+        the rows picked by `logits_for` (None = no logits).
+        """
+        t = ids.shape[1]
+        if start is not None:
+            positions = torch.arange(start, start + t, device=ids.device)
+        slots = positions if slots is None else slots
+        end = int(slots.max()) + 1
+        cache.ensure(end)
+        contiguous = start if (start is not None and mask is None) else None
+        write = slice(start, start + t) if contiguous is not None else slots
+        cos, sin = self.rope(positions)
+        x = self.embed(ids)
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.qkv(x, cos, sin)
+            cache.write(i, write, k, v)
+            if mask is not None:
+                s = mask.shape[1]
+                attn = F.scaled_dot_product_attention(
+                    q, cache.k[i, :, :, :s], cache.v[i, :, :, :s], attn_mask=mask, enable_gqa=True)
+            else:
+                attn = causal_attention(q, cache.k[i], cache.v[i], slots, contiguous)
+            x = layer.finish(x, attn)
+        cache.length = max(cache.length, end)
+        return None if logits_for is None else self.logits(x[:, logits_for])

@@ -1,0 +1,43 @@
+"""Shared fixtures: the real model (converted once into the repo's kvrag_data/models), real data paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import rag  # noqa: F401  (sets HF offline flags before anything loads)
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "samples"
+SHARED_DATA = REPO.parent / "shared" / "data"
+MODELS_DIR = Path(os.environ.get("KVRAG_MODEL_CACHE_DIR", REPO / "kvrag_data" / "models"))
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    return MODELS_DIR
+
+
+@pytest.fixture(scope="session")
+def lm32(models_dir):
+    """SmolLM2-135M-Instruct at float32 (the dtype oracles are compared at)."""
+    from rag.model_loader import load_model
+
+    return load_model("", models_dir, "float32")
+
+
+@pytest.fixture
+def settings(tmp_path, models_dir):
+    from rag.config import Settings
+
+    return Settings(data_dir=tmp_path / "data", model_cache_dir=models_dir, cache_disk_mb=256,
+                    cache_memory_mb=256)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        pytest.skip(f"{SHARED_DATA} is not present")
+    return SHARED_DATA
