@@ -2,7 +2,7 @@
 
 `ratio_to_raw` = store's Redis MB/s / a plain redis-py GET's MB/s of the same
 value on the same connection settings, measured interleaved in the same run:
-everything the store adds (MGET bookkeeping, header parse, crc, tensor wrap)
+everything the store adds (MGET bookkeeping, header parse, checksum, tensor wrap)
 shows up there. Target >= 0.8.
 """
 

@@ -170,7 +170,35 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("cache", help="precompute (warm) or empty (clear) the chunk-KV store")
     s.add_argument("action", choices=["warm", "clear"])
     s.set_defaults(func=cmd_cache)
+
+    bench = sub.add_parser("bench", help="benchmarks (each compares things within one run)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    for name, module, help_text in BENCHES:
+        _add_lazy(bench_sub, name, module, help_text)
+    ev = sub.add_parser("eval", help="evaluations")
+    ev_sub = ev.add_subparsers(dest="eval", required=True)
+    for name, module, help_text in EVALS:
+        _add_lazy(ev_sub, name, module, help_text)
     return p
+
+
+# (subcommand, module in eval/, help); each module has add_<kind>_<name>_args(parser) and
+# cmd_<kind>_<name>(args, settings).
+BENCHES = [
+    ("cache", "eval.bench_cache", "tier load speed and TTFT by tier (memory, Redis, disk, miss, full)"),
+]
+EVALS: list[tuple[str, str, str]] = []
+
+
+def _add_lazy(sub, name: str, module: str, help_text: str) -> None:
+    import importlib
+
+    kind = module.rsplit(".", 1)[1].split("_")[0]  # "bench" or "eval"
+    mod = importlib.import_module(module)
+    p = sub.add_parser(name, help=help_text)
+    getattr(mod, f"add_{kind}_{name}_args")(p)
+    run = getattr(mod, f"cmd_{kind}_{name}")
+    p.set_defaults(func=lambda args: run(args, _settings(args)))
 
 
 def main(argv: list[str] | None = None) -> int:

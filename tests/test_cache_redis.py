@@ -7,8 +7,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import time
 import uuid
 
@@ -20,6 +18,7 @@ from cache.entry import ChunkKV
 from cache.redis_tier import RedisTier
 from cache.serde import dumps
 from cache.store import TieredStore
+from tests.redis_server import PrivateRedis, free_port
 
 FP = "fp"
 SHARED_URL = "redis://127.0.0.1:6379/0"
@@ -132,45 +131,6 @@ def test_no_ttl_when_disabled(shared_tier):
 
 
 # -- a private redis-server: outages ----------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class PrivateRedis:
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("private redis-server did not start") from None
-                time.sleep(0.02)
-        client.close()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()  # SIGKILL by pid: no goodbye to connected clients
-            self.proc.wait(timeout=10)
 
 
 @pytest.fixture
