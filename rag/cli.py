@@ -171,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=["warm", "clear"])
     s.set_defaults(func=cmd_cache)
 
+    s = sub.add_parser("serve", help="the OpenAI-compatible chat API (FastAPI + uvicorn)")
+    from rag.server import add_serve_args, cmd_serve
+
+    add_serve_args(s)
+    s.set_defaults(func=lambda args: cmd_serve(args, _settings(args)))
+
     bench = sub.add_parser("bench", help="benchmarks (each compares things within one run)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     for name, module, help_text in BENCHES:
@@ -186,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 # cmd_<kind>_<name>(args, settings).
 BENCHES = [
     ("cache", "eval.bench_cache", "tier load speed and TTFT by tier (memory, Redis, disk, miss, full)"),
+    ("load", "eval.bench_load", "requests/s and TTFT of full vs blend under concurrent load"),
 ]
 EVALS: list[tuple[str, str, str]] = []
 

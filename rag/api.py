@@ -1,0 +1,120 @@
+"""The HTTP API: an OpenAI-compatible chat endpoint over the RAG pipeline, plus
+retrieval, document management, health and Prometheus metrics.
+
+Routes under /v1 need `Authorization: Bearer <key>` when KVRAG_API_KEYS is set;
+/healthz and /metrics stay open (probes and scrapers). Model work (chat,
+retrieval) runs on one worker thread in arrival order (rag.api_worker), so the
+event loop stays free for health checks and streaming while a long generation runs.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from rag.api_auth import bearer_auth, parse_keys
+from rag.api_chat import ChatRunner
+from rag.api_documents import DocumentService, documents_router
+from rag.api_errors import ApiError, BodyLimit, install_error_handlers
+from rag.api_schemas import (
+    MAX_BODY_BYTES,
+    MAX_UPLOAD_BYTES,
+    ChatCompletion,
+    ChatRequest,
+    ErrorResponse,
+    RetrieveRequest,
+    RetrieveResponse,
+)
+from rag.api_worker import GenerationWorker, QueueFull
+from rag.config import Settings
+from rag.metrics import Metrics, RequestCounter
+from rag.pipeline import RAG
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 413, 503)}
+
+
+def _redis_state(rag: RAG) -> str:
+    redis = rag.store.redis if rag.store is not None else None
+    if redis is None:
+        return "disabled"
+    return "up" if redis.is_up() else "down"
+
+
+def create_app(settings: Settings | None = None, rag: RAG | None = None, *, max_queue: int = 32) -> FastAPI:
+    """The app over `rag` (built from settings when not given: loads the model)."""
+    settings = settings or (rag.settings if rag is not None else Settings())
+    rag = rag or RAG(settings)
+    worker = GenerationWorker(max_queue)
+    metrics = Metrics(lambda: rag.store.stats() if rag.store is not None else None, lambda: worker.depth)
+    model_id = rag.engine.lm.name if rag.engine is not None else "none"
+    chat = ChatRunner(rag, worker, metrics, model_id)
+    docs = DocumentService(settings, rag, worker)
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # noqa: ANN202
+        yield
+        worker.shutdown()
+        docs.shutdown()
+
+    app = FastAPI(title="kvrag", version="0.1.0", lifespan=lifespan,
+                  description="RAG serving that reuses precomputed chunk KV caches (CacheBlend).")
+    app.state.rag, app.state.worker, app.state.metrics = rag, worker, metrics
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES, upload_max_bytes=MAX_UPLOAD_BYTES)
+    app.add_middleware(RequestCounter, metrics=metrics)  # outermost: counts 413s and 401s too
+
+    keys = parse_keys(settings.api_keys)
+    v1 = APIRouter(dependencies=[Depends(bearer_auth(keys))] if keys else [], responses=ERRORS)
+
+    @v1.post("/v1/chat/completions", response_model=ChatCompletion, tags=["chat"],
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "JSON, or server-sent events when stream is true"}})
+    async def chat_completions(body: ChatRequest, request: Request) -> Response:
+        """OpenAI chat completion; the last user message is the retrieval query."""
+        return await chat.handle(body, request)
+
+    @v1.get("/v1/models", tags=["chat"])
+    async def list_models() -> dict:
+        return {"object": "list",
+                "data": [{"id": model_id, "object": "model", "created": started, "owned_by": "kvrag"}]}
+
+    @v1.post("/v1/retrieve", response_model=RetrieveResponse, tags=["retrieval"])
+    async def retrieve(body: RetrieveRequest) -> dict:
+        """The top-k chunks for a query, with scores and exact character spans."""
+        k = body.k or settings.top_k
+        t0 = time.perf_counter()
+        try:  # through the worker: the embedder is not thread-safe either
+            hits = await worker.call(lambda: rag.retrieve(body.query, k))
+        except QueueFull as e:
+            raise ApiError(503, f"server busy: {e}; retry later", "queue_full",
+                           headers={"Retry-After": "5"}) from e
+        return {"object": "list", "data": [h.citation() for h in hits],
+                "timings_ms": {"retrieve": round(1000 * (time.perf_counter() - t0), 1)}}
+
+    v1.include_router(documents_router(docs))
+    app.include_router(v1)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> JSONResponse:
+        """Liveness and readiness: answers while a generation runs (it never waits on the worker)."""
+        await run_in_threadpool(rag.reload_index)
+        redis = await run_in_threadpool(_redis_state, rag)
+        loaded = rag.engine is not None
+        body = {"status": "ok" if loaded and redis != "down" else "degraded" if loaded else "unavailable",
+                "model_loaded": loaded, "model": model_id, "index_size": len(rag.index),
+                "redis": redis, "queue_depth": worker.depth, "generating": worker.busy}
+        return JSONResponse(body, status_code=200 if loaded else 503)
+
+    @app.get("/metrics", tags=["ops"], response_class=Response)
+    async def prometheus() -> Response:
+        data, ctype = await run_in_threadpool(metrics.render)
+        return Response(data, media_type=ctype)
+
+    return app

@@ -1,0 +1,152 @@
+"""POST /v1/chat/completions: an OpenAI chat completion answered by the RAG pipeline.
+
+The last user message is both the retrieval query and the question; earlier
+turns and client system prompts are not part of the RAG prompt (the server's
+system prompt and chunk layout are fixed, which is what makes chunk K/V
+reusable). The answer carries a `kvrag` object: citations, timings, cache use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from rag.api_errors import ApiError, error_body
+from rag.api_schemas import ChatRequest
+from rag.api_worker import Cancel, GenerationWorker, Job, QueueFull
+from rag.metrics import Metrics
+from rag.pipeline import RAG, Answer
+
+log = logging.getLogger(__name__)
+
+# The engine's own reasons, in OpenAI's vocabulary ("cancelled" only reaches a client that left).
+FINISH = {"stop": "stop", "length": "length", "context": "length", "cancelled": "stop"}
+DISCONNECT_POLL_S = 0.5
+MIN_TEMPERATURE = 1e-4
+
+
+def _tier_counts(rag: RAG) -> dict[str, dict[str, int]]:
+    if rag.store is None:
+        return {}
+    return {t: {"hits": c["hits"], "misses": c["misses"]} for t, c in rag.store.stats()["tiers"].items()}
+
+
+def kvrag_info(ans: Answer, queued_ms: float, tiers: dict[str, dict[str, int]]) -> dict[str, Any]:
+    t = ans.timings_ms
+    timings = {"queue": queued_ms, "retrieve": t["retrieve"], "kv_load": t["kv_load"],
+               "prefill": t["prefill"], "blend": t["prefill"] if ans.mode != "full" else 0.0,
+               "ttft": t["ttft"], "decode": t["decode"], "total": t["total"]}
+    cites = [{k: v for k, v in h.citation().items() if k != "text"} for h in ans.hits]
+    return {"mode": ans.mode, "citations": cites,
+            "timings_ms": {k: round(v, 1) for k, v in timings.items()},
+            "cache": {**ans.cache, "tiers": tiers}}
+
+
+class ChatRunner:
+    def __init__(self, rag: RAG, worker: GenerationWorker, metrics: Metrics, model_id: str):
+        self.rag, self.worker, self.metrics, self.model_id = rag, worker, metrics, model_id
+
+    def _job(self, req: ChatRequest) -> Callable[[Callable[[str], bool] | None, Cancel | None], Any]:
+        question = req.question().strip()
+        if not question:
+            raise ApiError(400, "messages: no user message with text to answer", "invalid_request", "messages")
+        opts = req.kvrag
+        params = {"k": opts.k if opts else None, "mode": opts.mode if opts else None,
+                  "ratio": opts.ratio if opts else None,
+                  "max_new_tokens": req.max_completion_tokens or req.max_tokens,
+                  # A vanishing temperature overflows logits/T to inf (NaN probabilities): it means greedy.
+                  "temperature": req.temperature if req.temperature >= MIN_TEMPERATURE else 0.0,
+                  "top_p": req.top_p, "stop": req.stop_list(),
+                  "seed": req.seed}
+
+        def run(on_text: Callable[[str], bool] | None, cancel: Cancel | None) -> tuple[Answer, dict]:
+            # Runs alone on the worker thread, so the store's counter deltas are this request's.
+            before = _tier_counts(self.rag)
+            ans = self.rag.answer(question, on_text=on_text, **params)
+            after = _tier_counts(self.rag)
+            tiers = {name: {key: c[key] - before.get(name, {}).get(key, 0) for key in c}
+                     for name, c in after.items()}
+            return ans, tiers
+
+        return run
+
+    def _observe(self, ans: Answer, job: Job) -> None:
+        q = job.queued_ms
+        self.metrics.observe_answer(ans.mode, (q + ans.timings_ms["ttft"]) / 1000,
+                                    (q + ans.timings_ms["total"]) / 1000, ans.cache,
+                                    ans.usage["completion_tokens"])
+
+    async def handle(self, req: ChatRequest, request: Request) -> Response:
+        run = self._job(req)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        cancel, job = Cancel(), Job()
+        try:
+            if req.stream:
+                deltas = self.worker.stream(run, cancel, job)
+                return StreamingResponse(self._sse(deltas, job, cid, created), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            # No text to forward, but the per-token callback is where a departed client stops it.
+            task = asyncio.ensure_future(self.worker.call(lambda: run(lambda _: not cancel, cancel), cancel, job))
+            while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL_S))[0]:
+                if await request.is_disconnected():  # free the worker: drop or stop the job
+                    task.cancel()
+                    return Response(status_code=499)
+            result = task.result()
+        except QueueFull as e:
+            raise ApiError(503, f"server busy: {e}; retry later", "queue_full",
+                           headers={"Retry-After": "5"}) from e
+        except ValueError as e:
+            if (err := _context_error(e)) is None:
+                raise
+            raise err from e
+        if result is None:
+            return Response(status_code=499)
+        ans, tiers = result
+        self._observe(ans, job)
+        return JSONResponse({
+            "id": cid, "object": "chat.completion", "created": created, "model": self.model_id,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": ans.answer},
+                         "finish_reason": FINISH.get(ans.finish_reason, "stop")}],
+            "usage": ans.usage, "kvrag": kvrag_info(ans, job.queued_ms, tiers)})
+
+    async def _sse(self, deltas: AsyncIterator[str], job: Job, cid: str, created: int) -> AsyncIterator[str]:
+        def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
+            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_id,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        yield chunk({"role": "assistant", "content": ""})
+        sent = ""
+        async for delta in deltas:
+            # The engine strips the final answer; keep leading whitespace out of the stream too.
+            piece = delta if sent else delta.lstrip()
+            if piece:
+                sent += piece
+                yield chunk({"content": piece})
+        if job.error is not None:
+            e = _context_error(job.error)
+            if e is None:
+                log.error("generation failed", exc_info=job.error)
+                e = ApiError(500, "internal server error", "internal_error")
+            yield f"data: {json.dumps(error_body(e.detail, e.type, e.code))}\n\n"
+        elif job.result is not None:
+            ans, tiers = job.result
+            self._observe(ans, job)
+            yield chunk({}, FINISH.get(ans.finish_reason, "stop"), usage=ans.usage,
+                        kvrag=kvrag_info(ans, job.queued_ms, tiers))
+        yield "data: [DONE]\n\n"
+
+
+def _context_error(e: BaseException) -> ApiError | None:
+    """The engine's ValueError for a prompt over the context limit is the client's 400."""
+    if isinstance(e, ValueError) and "context" in str(e):
+        return ApiError(400, str(e), "context_length_exceeded", "messages")
+    return None

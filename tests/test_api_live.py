@@ -1,0 +1,188 @@
+"""The API against a live uvicorn server and the real model, through the official openai client.
+
+One server for the module over the sample documents (Redis as a KV tier when
+one answers on 127.0.0.1:6379); small k and max_tokens keep it quick on CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+
+from ingest.job import ingest
+from rag.api import create_app
+from rag.config import Settings
+from rag.pipeline import RAG
+from rag.server import ThreadServer
+from tests.conftest import SAMPLES
+
+KEY = "sk-live-test"
+FAST = {"k": 2, "mode": "blend"}
+
+
+def _redis_up() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=0.3):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, models_dir):
+    root = tmp_path_factory.mktemp("api_live")
+    shutil.copytree(SAMPLES, root / "docs")
+    redis_url = "redis://127.0.0.1:6379/0" if _redis_up() else ""
+    settings = Settings(data_dir=root / "data", model_cache_dir=models_dir, cache_disk_mb=256,
+                        cache_memory_mb=256, redis_url=redis_url, cache_redis_ttl_s=600)
+    cwd = os.getcwd()
+    os.chdir(root)  # doc ids relative to it: docs/<file>.md
+    try:
+        ingest(["docs"], settings, progress=False)
+        rag = RAG(settings)
+        with ThreadServer(create_app(settings, rag)) as server:
+            yield server, rag, settings
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    server, *_ = live
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def test_openai_client_completion(client):
+    r = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", max_tokens=8, temperature=0,
+        messages=[{"role": "system", "content": "ignored"},
+                  {"role": "user", "content": "How tall is the Greywater Point lighthouse?"}],
+        extra_body={"kvrag": FAST})
+    assert r.choices[0].message.content and r.choices[0].finish_reason in ("stop", "length")
+    assert 0 < r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 100
+    info = r.model_extra["kvrag"]
+    assert info["mode"] == "blend" and len(info["citations"]) == 2
+    assert any(c["doc_id"] == "docs/saltmere_lighthouses.md" for c in info["citations"])
+    assert set(info["timings_ms"]) >= {"retrieve", "kv_load", "blend", "ttft", "total"}
+    assert info["cache"]["kv_hits"] + info["cache"]["kv_misses"] == 2
+    assert "memory" in info["cache"]["tiers"] and "recomputed_tokens" in info["cache"]
+
+
+def test_openai_client_stream(client):
+    stream = client.chat.completions.create(
+        model="any", max_tokens=8, stream=True, messages=[
+            {"role": "user", "content": "What is the highest wind gust ever recorded in the islands?"}],
+        extra_body={"kvrag": FAST})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip()
+    last = chunks[-1]
+    assert last.choices[0].finish_reason in ("stop", "length")
+    assert last.usage.completion_tokens > 0
+    info = last.model_extra["kvrag"]
+    assert info["citations"] and info["cache"]["kv_hits"] + info["cache"]["kv_misses"] == 2
+    assert info["timings_ms"]["ttft"] > 0
+
+
+def test_bad_bodies_get_4xx(client, live):
+    server, *_ = live
+    for kwargs in ({"max_tokens": -1}, {"temperature": "hot"},
+                   {"messages": [{"role": "user", "content": "x" * 50_000}]},
+                   {"extra_body": {"kvrag": {"k": 500}}}):
+        body = {"model": "m", "messages": [{"role": "user", "content": "q"}], **kwargs}
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(**body)
+        assert e.value.body["type"] == "invalid_request_error"
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": 5}]})
+    assert r.status_code == 400 and "Traceback" not in r.text
+
+
+def test_auth_on(live):
+    _, rag, settings = live
+    app = create_app(settings.model_copy(update={"api_keys": KEY}), rag)
+    with ThreadServer(app) as server:
+        bad = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        good = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+        assert [m.id for m in good.models.list()] == [rag.engine.lm.name]
+        r = httpx.post(f"{server.url}/v1/retrieve", json={"query": "ferry", "k": 1},
+                       headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 200 and r.json()["data"]
+        assert httpx.post(f"{server.url}/v1/retrieve", json={"query": "ferry"}).status_code == 401
+
+
+def test_uploaded_document_is_retrievable_at_once(live):
+    server, rag, settings = live
+    fact = "The Storm Petrel, a fast catamaran, began service between Kellhaven and Port Ellery in 2024."
+    files = {"file": ("../../new ferry.md", f"# Ferry news\n\n{fact}\n".encode(), "text/markdown")}
+    r = httpx.post(f"{server.url}/v1/documents", files=files, timeout=120)
+    assert r.status_code == 201, r.text
+    doc = r.json()
+    assert doc["id"] == "uploads/new_ferry.md" and doc["chunks"] == 1
+    assert (settings.data_dir / "uploads" / "new_ferry.md").is_file()
+    hits = httpx.post(f"{server.url}/v1/retrieve", json={"query": "Storm Petrel catamaran", "k": 1}).json()
+    assert hits["data"][0]["doc_id"] == "uploads/new_ferry.md" and "Storm Petrel" in hits["data"][0]["text"]
+    r = httpx.post(f"{server.url}/v1/documents", json={"text": "Short note about puffins.", "name": "note.txt"})
+    assert r.status_code == 201 and r.json()["id"] == "uploads/note.txt"
+    ids = [d["id"] for d in httpx.get(f"{server.url}/v1/documents").json()["data"]]
+    assert {"uploads/new_ferry.md", "uploads/note.txt", "docs/saltmere_weather.md"} <= set(ids)
+    for doc_id in ("uploads/new_ferry.md", "uploads/note.txt"):
+        assert httpx.delete(f"{server.url}/v1/documents/{doc_id}", timeout=60).status_code == 200
+    assert httpx.delete(f"{server.url}/v1/documents/uploads/note.txt").status_code == 404
+    hits = httpx.post(f"{server.url}/v1/retrieve", json={"query": "Storm Petrel catamaran", "k": 3}).json()
+    assert all(h["doc_id"] != "uploads/new_ferry.md" for h in hits["data"])
+
+
+def test_eight_concurrent_streams_finish_and_health_answers(live):
+    server, *_ = live
+    questions = ["How tall is the Greywater Point lighthouse?", "Who founded the weather service?",
+                 "How long is the ferry crossing?", "When was Greywater Point automated?"] * 2
+
+    async def run() -> tuple[list[str], list[float]]:
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=600)
+
+        async def ask(q: str) -> str:
+            stream = await client.chat.completions.create(
+                model="m", max_tokens=4, stream=True, messages=[{"role": "user", "content": q}],
+                extra_body={"kvrag": {"k": 1, "mode": "reuse"}})
+            finish = None
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    finish = chunk.choices[0].finish_reason
+            return finish
+
+        tasks = [asyncio.create_task(ask(q)) for q in questions]
+        health: list[float] = []
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as h:
+            while not all(t.done() for t in tasks):
+                t0 = time.perf_counter()
+                body = (await h.get("/healthz")).json()
+                health.append(time.perf_counter() - t0)
+                assert body["model_loaded"] and body["index_size"] > 20
+                await asyncio.sleep(0.5)
+        return await asyncio.gather(*tasks), health
+
+    finishes, health = asyncio.run(run())
+    assert all(f in ("stop", "length") for f in finishes), finishes
+    assert len(health) >= 2 and sorted(health)[len(health) // 2] < 2.0
+
+
+def test_health_and_metrics(live):
+    server, rag, settings = live
+    h = httpx.get(f"{server.url}/healthz").json()
+    assert h["model_loaded"] and h["model"] == rag.engine.lm.name
+    assert h["redis"] == ("up" if settings.redis_url else "disabled")
+    text = httpx.get(f"{server.url}/metrics").text
+    assert 'kvrag_requests_total{method="POST",route="/v1/chat/completions",status="200"}' in text
+    assert 'kvrag_ttft_seconds_count{mode="reuse"} 8.0' in text
+    assert 'kvrag_cache_hits_total{tier="memory"}' in text
+    ratio = float(text.split("\nkvrag_recomputed_token_ratio ")[1].split()[0])
+    assert 0 < ratio < 1
