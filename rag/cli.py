@@ -180,11 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (each compares things within one run)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     for name, module, help_text in BENCHES:
-        _add_lazy(bench_sub, name, module, help_text)
+        _add_lazy(bench_sub, "bench", name, module, help_text)
     ev = sub.add_parser("eval", help="evaluations")
     ev_sub = ev.add_subparsers(dest="eval", required=True)
     for name, module, help_text in EVALS:
-        _add_lazy(ev_sub, name, module, help_text)
+        _add_lazy(ev_sub, "eval", name, module, help_text)
     return p
 
 
@@ -193,19 +193,24 @@ def build_parser() -> argparse.ArgumentParser:
 BENCHES = [
     ("cache", "eval.bench_cache", "tier load speed and TTFT by tier (memory, Redis, disk, miss, full)"),
     ("load", "eval.bench_load", "requests/s and TTFT of full vs blend under concurrent load"),
+    ("ttft", "eval.bench_ttft", "TTFT, speedup and fidelity (KL, top-1) of full / reuse / blend ratios"),
+    ("decode", "eval.bench_decode", "decode tokens/s: transformers generate() vs lean loop vs Lookahead"),
 ]
-EVALS: list[tuple[str, str, str]] = []
+EVALS = [
+    ("retrieval", "eval.retrieval", "chunkers on Chroma's token-level retrieval benchmark (IoU family)"),
+]
 
 
-def _add_lazy(sub, name: str, module: str, help_text: str) -> None:
+def _add_lazy(sub, kind: str, name: str, module: str, help_text: str) -> None:
     import importlib
+    import inspect
 
-    kind = module.rsplit(".", 1)[1].split("_")[0]  # "bench" or "eval"
     mod = importlib.import_module(module)
     p = sub.add_parser(name, help=help_text)
     getattr(mod, f"add_{kind}_{name}_args")(p)
     run = getattr(mod, f"cmd_{kind}_{name}")
-    p.set_defaults(func=lambda args: run(args, _settings(args)))
+    takes_settings = len(inspect.signature(run).parameters) > 1
+    p.set_defaults(func=lambda args: run(args, _settings(args)) if takes_settings else run(args))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ preallocated buffer.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -17,10 +17,11 @@ import torch
 from cache.entry import ChunkKV
 from cache.keys import chunk_key
 from rag.blend import blend_prefill
+from rag.decode import DecodeResult, new_drafter
+from rag.decode import decode as decode_loop
 from rag.kv_cache import KVCache
 from rag.model_loader import LoadedModel
 from rag.prompt import LAYOUT_VERSION, Prompt, PromptBuilder
-from rag.sampling import sample
 
 MODES = ("full", "reuse", "blend")
 KV_STORE_DTYPE = {torch.float32: torch.bfloat16, torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
@@ -109,7 +110,6 @@ class Engine:
         return Prefill(cache, r.logits, reused=r.reused, recomputed=r.recomputed, computed=r.computed)
 
     # -- decode ----------------------------------------------------------------
-    @torch.inference_mode()
     def decode(
         self,
         pre: Prefill,
@@ -120,69 +120,47 @@ class Engine:
         stop: list[str] | None = None,
         on_text: Callable[[str], bool | None] | None = None,
         seed: int | None = None,
+        lookahead: bool | None = None,
+        draft_from: Sequence[int] = (),
     ) -> tuple[list[int], str, str, float]:
         """Sample up to max_new_tokens; returns (ids, text, finish_reason, ttft_s).
 
         `on_text(delta)` receives text as it is produced; returning False stops early
-        (a client that went away).
+        (a client that went away). `lookahead` (None = on for greedy) drafts from the
+        n-grams of `draft_from` (the prompt's context) and of the answer so far.
         """
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        cache, logits = pre.cache, pre.logits[-1]
-        out: list[int] = []
-        text, finish, ttft = "", "length", 0.0
-        t0 = time.perf_counter()
-        step = torch.empty((1, 1), dtype=torch.long, device=self.model.device)
-        pos = start
-        for i in range(max_new_tokens):
-            tok = sample(logits, temperature, top_p, gen)
-            if i == 0:
-                ttft = time.perf_counter() - t0
-            if tok in self.tokenizer.stop_ids:
-                finish = "stop"
-                break
-            out.append(tok)
-            new_text = self.tokenizer.decode(out)
-            cut = _stop_at(new_text, stop)
-            if cut is not None:
-                new_text, finish = new_text[:cut], "stop"
-            delta, text = new_text[len(text):], new_text
-            if delta and on_text is not None and on_text(delta) is False:
-                finish = "cancelled"
-                break
-            if finish == "stop" or i == max_new_tokens - 1:
-                break
-            if pos >= cache.max_len:
-                finish = "context"
-                break
-            step[0, 0] = tok
-            logits = self.model(step, cache, pos)[0, -1]
-            pos += 1
-        return out, text, finish, ttft
+        r = self._decode(pre, start, max_new_tokens, temperature, top_p, stop, on_text, seed,
+                         lookahead, draft_from)
+        return r.ids, r.text, r.finish, r.ttft_s
+
+    def _decode(self, pre: Prefill, start: int, max_new_tokens: int, temperature: float, top_p: float,
+                stop: list[str] | None, on_text: Callable[[str], bool | None] | None, seed: int | None,
+                lookahead: bool | None, draft_from: Sequence[int]) -> DecodeResult:
+        return decode_loop(self.model, self.tokenizer, pre.cache, pre.logits[-1], start, max_new_tokens,
+                           temperature=temperature, top_p=top_p, stop=stop, on_text=on_text, seed=seed,
+                           drafter=new_drafter(draft_from, temperature, lookahead))
 
     def generate(self, prompt: Prompt, *, mode: str = "full", ratio: float = 0.15,
                  chunk_kvs: list[ChunkKV | None] | None = None, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None,
-                 on_text: Callable[[str], bool | None] | None = None, seed: int | None = None) -> Generation:
+                 on_text: Callable[[str], bool | None] | None = None, seed: int | None = None,
+                 lookahead: bool | None = None) -> Generation:
+        """Prefill then decode. `lookahead` None = Lookahead drafting on for greedy decoding."""
         t0 = time.perf_counter()
         room = max(0, min(max_new_tokens, self.max_context - len(prompt)))
         pre = self.prefill(prompt, mode, ratio, chunk_kvs, extra_slots=room)
         t_prefill = time.perf_counter()
-        ids, text, finish, ttft = self.decode(pre, len(prompt), max(1, room) if room else 0,
-                                              temperature, top_p, stop, on_text, seed)
+        r = self._decode(pre, len(prompt), max(1, room) if room else 0, temperature, top_p, stop,
+                         on_text, seed, lookahead, prompt.ids()[len(prompt.header):])
+        finish = r.finish
         if room < max_new_tokens and finish == "length":
             finish = "context"
         t1 = time.perf_counter()
         return Generation(
-            token_ids=ids, text=text.strip(), finish_reason=finish, prompt_tokens=len(prompt),
-            timings_ms={"prefill": 1000 * (t_prefill - t0), "ttft": 1000 * (t_prefill - t0 + ttft),
+            token_ids=r.ids, text=r.text.strip(), finish_reason=finish, prompt_tokens=len(prompt),
+            timings_ms={"prefill": 1000 * (t_prefill - t0), "ttft": 1000 * (t_prefill - t0 + r.ttft_s),
                         "decode": 1000 * (t1 - t_prefill), "total": 1000 * (t1 - t0)},
             stats={"reused_tokens": pre.reused, "recomputed_tokens": pre.recomputed,
-                   "computed_tokens": pre.computed, "completion_tokens": len(ids)},
+                   "computed_tokens": pre.computed, "completion_tokens": len(r.ids),
+                   "decode_steps": r.steps, "draft_accepted_tokens": r.accepted},
         )
-
-
-def _stop_at(text: str, stop: list[str] | None) -> int | None:
-    if not stop:
-        return None
-    cuts = [text.find(s) for s in stop if s and s in text]
-    return min(cuts) if cuts else None

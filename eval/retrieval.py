@@ -1,0 +1,211 @@
+"""`kvrag eval retrieval`: chunkers on Chroma's retrieval benchmark (all corpora in one index).
+
+Each chunker cuts every corpus; the chunks are embedded (identical texts once)
+into one in-memory FAISS index with ids in corpus-then-position order, so exact
+ties (finance.md repeats whole sections) go to the earlier copy. Each question
+retrieves its top k, scored at the character level (eval.metrics_retrieval).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from eval.boundary import boundary_clarity, sample_pairs
+from eval.metrics_retrieval import ChunkLocator, Located, mean_scores, score_question
+from eval.report import markdown_table, num, pct, scatter_plot, text
+
+log = logging.getLogger(__name__)
+
+# Chroma's published all-MiniLM-L6-v2, k=5 results (recall, IoU), for the plot.
+CHROMA_REFS = (
+    ("Chroma recursive 250/125", 0.787, 0.049),
+    ("Chroma token 250/125", 0.824, 0.035),
+    ("Chroma recursive 200", 0.757, 0.065),
+    ("Chroma token 200", 0.766, 0.041),
+    ("Chroma cluster 250", 0.773, 0.060),
+    ("Chroma cluster 200", 0.752, 0.072),
+)
+
+
+@dataclass
+class Question:
+    text: str
+    excerpts: list[Located]
+
+
+def load_questions(path: Path | str) -> list[Question]:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for r in rows:
+        refs = json.loads(r["references"])
+        out.append(Question(r["question"], [Located(r["corpus_id"], int(x["start_index"]), int(x["end_index"]))
+                                            for x in refs]))
+    return out
+
+
+def load_corpora(folder: Path | str) -> dict[str, str]:
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix in {".md", ".txt"})
+    if not files:
+        raise FileNotFoundError(f"no .md or .txt corpora in {folder}")
+    return {p.stem: p.read_text(encoding="utf-8") for p in files}
+
+
+class EmbeddingCache:
+    """Vectors by text, shared by all chunkers of a run: identical chunks are embedded once."""
+
+    def __init__(self, embedder):
+        self.embedder = embedder
+        self.vectors: dict[str, np.ndarray] = {}
+
+    def embed(self, texts: list[str], progress: bool = False) -> np.ndarray:
+        todo = list(dict.fromkeys(t for t in texts if t not in self.vectors))
+        if todo:
+            for t, v in zip(todo, self.embedder.embed(todo, batch_size=32, progress=progress), strict=True):
+                self.vectors[t] = v
+        return np.stack([self.vectors[t] for t in texts]) if texts else np.zeros((0, self.embedder.dim), np.float32)
+
+
+def evaluate_chunks(chunks: list[Located], corpora: dict[str, str], questions: list[Question],
+                    q_vecs: np.ndarray, cache: EmbeddingCache, k: int, progress: bool = False) -> dict:
+    from rag.vector_index import VectorIndex
+
+    vecs = cache.embed([corpora[c.corpus][c.start:c.end] for c in chunks], progress=progress)
+    index = VectorIndex(vecs.shape[1])
+    index.add(list(range(len(chunks))), vecs)  # ids in corpus/position order: ties go to the earlier chunk
+    locator = ChunkLocator(chunks)
+    scores = []
+    for q, v in zip(questions, q_vecs, strict=True):
+        hits = [chunks[i] for i, _ in index.search(v, k)]
+        touching = {c for x in q.excerpts for c in locator.touching(x)}
+        scores.append(score_question(q.excerpts, hits, sorted(touching, key=lambda c: (c.start, c.end))))
+    return mean_scores(scores)
+
+
+def run_retrieval_eval(corpora_dir: Path | str, questions_csv: Path | str, chunkers: list[str], chunk_size: int,
+                       k: int, out_json: Path | str, settings, progress: bool = True,
+                       boundary_pairs: int = 32, chunker_options: dict | None = None) -> list[dict]:
+    """Evaluate each chunker; writes OUT.json (an object for one chunker, else a list, plus OUT.md and OUT.png)."""
+    import torch
+
+    from ingest.chunkers import Resources, make_chunker
+
+    if settings.threads > 0:
+        torch.set_num_threads(settings.threads)
+    corpora = load_corpora(corpora_dir)
+    questions = load_questions(questions_csv)
+    missing = {x.corpus for q in questions for x in q.excerpts} - set(corpora)
+    if missing:
+        raise FileNotFoundError(f"questions refer to corpora not in {corpora_dir}: {sorted(missing)}")
+    resources = Resources(settings)
+    cache = EmbeddingCache(resources.embedder)
+    q_vecs = resources.embedder.embed([q.text for q in questions])
+    needs_lm = boundary_pairs > 0 or any(c.startswith("meta-") for c in chunkers)
+    llm_tokens = sum(len(resources.scorer.tokenizer.encode_text(t)) for t in corpora.values()) if needs_lm else None
+    results = []
+    for name in chunkers:
+        chunker = make_chunker(name, resources, chunk_size, settings.chunk_overlap,
+                               **(chunker_options or {}).get(name, {}))
+        t0 = time.perf_counter()
+        spans = {}
+        for cid, body in tqdm(corpora.items(), desc=f"chunk {name}", disable=not progress or None):
+            spans[cid] = chunker.split(body)
+        seconds = time.perf_counter() - t0
+        chunks = [Located(cid, s, e) for cid, ss in spans.items() for s, e in ss]
+        for c in chunks:  # every chunk is an exact span of its corpus
+            assert 0 <= c.start < c.end <= len(corpora[c.corpus]), c
+        t1 = time.perf_counter()
+        scores = evaluate_chunks(chunks, corpora, questions, q_vecs, cache, k, progress=False)
+        n_tokens = [resources.embedder.count_tokens(corpora[c.corpus][c.start:c.end]) for c in chunks]
+        row = {
+            "chunker": name, "chunk_size": chunk_size, "k": k, "n_questions": len(questions),
+            "n_chunks": len(chunks), "mean_chunk_tokens": round(sum(n_tokens) / max(1, len(chunks)), 1),
+            "chunking_seconds": round(seconds, 2), **{m: round(v, 4) for m, v in scores.items()},
+            "tokens_per_s": round(llm_tokens / seconds, 1) if llm_tokens and seconds > 0 else None,
+            "embedding_seconds": round(time.perf_counter() - t1, 2),
+        }
+        if boundary_pairs > 0:
+            t2 = time.perf_counter()
+            pairs = sample_pairs(spans, boundary_pairs)
+            bc = boundary_clarity(corpora, pairs, resources.scorer)
+            row.update(boundary_clarity=None if bc is None else round(bc, 4), boundary_pairs=len(pairs),
+                       boundary_seconds=round(time.perf_counter() - t2, 2))
+        log.info("%s", row)
+        results.append(row)
+    full_benchmark = set(corpora) == {"chatlogs", "finance", "pubmed", "state_of_the_union", "wikitexts"}
+    write_outputs(results, Path(out_json), chroma_refs=full_benchmark)
+    return results
+
+
+COLUMNS = [
+    ("chunker", "chunker", text), ("chunk_size", "size", text), ("mean_chunk_tokens", "mean tokens", num(0)),
+    ("n_chunks", "chunks", text), ("recall", "recall %", pct), ("precision", "precision %", pct),
+    ("precision_omega", "precision Ω %", pct), ("iou", "IoU %", pct),
+    ("boundary_clarity", "boundary clarity", num(3)), ("chunking_seconds", "chunking s", num(1)),
+    ("tokens_per_s", "tokens/s", num(0)),
+]
+
+
+def write_outputs(results: list[dict], out_json: Path, chroma_refs: bool = True) -> None:
+    """OUT.json; for several results also OUT.md (table) and OUT.png (recall vs IoU, Chroma's points if comparable)."""
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    payload = results[0] if len(results) == 1 else results
+    out_json.write_text(json.dumps(payload, indent=2) + "\n")
+    if len(results) > 1:
+        out_json.with_suffix(".md").write_text(markdown_table(results, COLUMNS))
+        k = results[0]["k"]
+        scatter_plot(results, "iou", "recall", "chunker", out_json.with_suffix(".png"),
+                     title=f"Chroma benchmark, all-MiniLM-L6-v2, k={k}", xlabel="IoU (%)",
+                     ylabel=f"recall@{k} (%)",
+                     refs=[(n, iou, r) for n, r, iou in CHROMA_REFS] if chroma_refs and k == 5 else [])
+
+
+def add_eval_retrieval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from ingest.chunkers import CHUNKERS
+
+    p.add_argument("--corpora", required=True, type=Path, help="folder of corpus files (.md/.txt)")
+    p.add_argument("--questions", required=True, type=Path, help="questions_df.csv (question, references, corpus_id)")
+    p.add_argument("--chunker", default="all",
+                   help=f"one of {', '.join(CHUNKERS)}, a comma-separated list, or all")
+    p.add_argument("--chunk-size", type=int, default=None, help="target chunk size in embedder wordpieces")
+    p.add_argument("--k", type=int, default=5, help="chunks retrieved per question")
+    p.add_argument("--json", dest="out_json", required=True, type=Path, help="output JSON (OUT.md, OUT.png beside it)")
+    p.add_argument("--boundary-pairs", type=int, default=32,
+                   help="adjacent chunk pairs sampled for boundary clarity (0: skip)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def cmd_eval_retrieval(args: argparse.Namespace, settings=None) -> int:
+    from ingest.chunkers import CHUNKERS
+    from rag.config import Settings
+
+    settings = settings or Settings()
+    names = list(CHUNKERS) if args.chunker == "all" else [c.strip() for c in args.chunker.split(",") if c.strip()]
+    for n in names:
+        if n not in CHUNKERS:
+            raise SystemExit(f"unknown chunker {n!r}; choose from {', '.join(CHUNKERS)} or all")
+    results = run_retrieval_eval(args.corpora, args.questions, names, args.chunk_size or settings.chunk_size,
+                                 args.k, args.out_json, settings, progress=not args.no_progress,
+                                 boundary_pairs=args.boundary_pairs)
+    print(markdown_table(results, COLUMNS))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    p = add_eval_retrieval_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    return cmd_eval_retrieval(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

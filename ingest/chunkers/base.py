@@ -1,0 +1,52 @@
+"""What every chunker is: text in, exact character spans out."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Protocol
+
+Span = tuple[int, int]  # [start, end) character offsets into the document text
+
+
+class Chunker(Protocol):
+    name: str
+
+    def split(self, text: str) -> list[Span]:
+        """Non-overlapping or overlapping spans, in order; `text[start:end]` is each chunk."""
+        ...
+
+
+class Resources:
+    """Models a chunker may need, loaded on first use and shared by all chunkers of a run."""
+
+    def __init__(self, settings):
+        self.settings = settings
+
+    @cached_property
+    def embedder(self):
+        from rag.embedder import Embedder
+
+        return Embedder(self.settings.embedder, "cpu")
+
+    @cached_property
+    def lm(self):
+        from rag.model_loader import load_model
+
+        s = self.settings
+        return load_model(s.model, s.models_dir, s.dtype, s.torch_device)
+
+    @cached_property
+    def scorer(self):
+        """The LLM for chunking decisions (a float32 copy on CPU, where bfloat16 matmuls are slow)."""
+        from ingest.lm_scorer import LMScorer
+
+        return LMScorer.load(self.settings)
+
+
+def strip_span(text: str, start: int, end: int) -> Span:
+    """Shrink a span so it neither starts nor ends with whitespace."""
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return start, end

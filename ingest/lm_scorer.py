@@ -1,0 +1,195 @@
+"""The LLM as a scorer: per-token losses over long texts, and next-token probabilities after a cached prefix.
+
+Chunking only reads losses and probabilities, never generates, so on a CPU the
+scorer runs its own float32 copy: on AVX2 CPUs (no native bf16) bfloat16
+matmuls are ~50x slower than float32. int8 dynamic quantization is ~1.5x faster
+but off by default: its per-tensor activation scales make SmolLM2's losses
+depend on the batch and raise the mean loss from 2.9 to 4.2 nats.
+
+Long texts are scored with a sliding window that is recomputed from scratch for
+every window (a rotated KV cache is never trimmed, which would leave keys at
+the wrong positions).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from bisect import bisect_right
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+def _cut_candidates(ids: Sequence[int]) -> list[int]:
+    """Content-defined cut points (~1 in 64 positions): the same text yields the same cuts wherever it is."""
+    out = []
+    for i in range(3, len(ids)):
+        h = (ids[i - 3] * 2654435761 + ids[i - 2] * 40503 + ids[i - 1] * 97 + ids[i]) % 1000003
+        if h % 64 == 0:
+            out.append(i)
+    return out
+
+
+def plan_windows(ids: Sequence[int], window: int, context: int) -> list[tuple[int, int, int]]:
+    """Windows (start, end, keep_from): each reports the losses of tokens [keep_from, end).
+
+    Every token but the first is scored with at least `context` tokens (or all the
+    text, if fewer) before it. Reported ranges end at content-defined cut points,
+    so a passage repeated in a document (finance reports repeat whole sections)
+    produces identical windows that are scored once.
+    """
+    if not 0 <= context < window:
+        raise ValueError(f"need 0 <= context < window, got {context=} {window=}")
+    n, step = len(ids), window - context
+    cuts = _cut_candidates(ids)
+    out = []
+    keep = 1  # token 0 has nothing to be predicted from
+    while keep < n:
+        if keep + step >= n:
+            end = n
+        else:
+            j = bisect_right(cuts, keep + step) - 1
+            end = cuts[j] if j >= 0 and cuts[j] >= keep + step // 2 else keep + step
+        out.append((max(0, keep - context), end, keep))
+        keep = end
+    return out
+
+
+def quantize_for_cpu(model: torch.nn.Module) -> torch.nn.Module:
+    """int8 dynamic quantization of the linear layers (a copy); the model itself if unavailable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torch.ao.quantization import quantize_dynamic
+
+            return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    except Exception as e:  # torch without the quantized engine: stay in float32
+        log.warning("int8 quantization unavailable (%s); scoring in float32", e)
+        return model
+
+
+class LMScorer:
+    """Loss and answer-probability queries against one causal LM (rag.model.Transformer)."""
+
+    def __init__(self, model, tokenizer, *, window: int = 512, context: int = 64, batch_tokens: int = 1024):
+        self.model = model
+        self.tokenizer = tokenizer  # rag.tokenizer.ChatTokenizer
+        self.window = window
+        self.context = context
+        self.batch_tokens = batch_tokens
+
+    @classmethod
+    def load(cls, settings, quantize: bool = False, **kw) -> LMScorer:
+        """A scoring copy of the configured model: float32 on CPU, the configured dtype elsewhere."""
+        from rag.model_loader import load_transformer, resolve_model_dir
+        from rag.tokenizer import ChatTokenizer
+
+        path = resolve_model_dir(settings.model, settings.models_dir)
+        device = settings.torch_device
+        on_cpu = str(device).startswith("cpu")
+        dtype = torch.float32 if on_cpu else {"bfloat16": torch.bfloat16, "float32": torch.float32}[settings.dtype]
+        model = load_transformer(path, dtype, device)
+        if on_cpu and quantize:
+            model = quantize_for_cpu(model)
+        return cls(model, ChatTokenizer(path), **kw)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed.weight.device
+
+    # -- per-token losses ---------------------------------------------------------
+    def token_losses(self, ids: Sequence[int]) -> torch.Tensor:
+        """Cross-entropy of each token given the text before it (in its window): float32 [n].
+
+        Entry 0 is NaN (nothing predicts the first token). Windows are batched with
+        right padding, which a causal model never attends to.
+        """
+        ids = list(ids)
+        n = len(ids)
+        out = torch.full((n,), float("nan"))
+        if n < 2:
+            return out
+        todo: dict[tuple[int, ...], list[tuple[int, int, int]]] = {}
+        for s, e, keep in plan_windows(ids, self.window, self.context):
+            todo.setdefault(tuple(ids[s:e]), []).append((s, e, keep))
+        windows = sorted(todo, key=len)
+        b = 0
+        while b < len(windows):
+            # As many windows as fit the token budget; padded to the longest of them.
+            rows = [windows[b]]
+            while b + len(rows) < len(windows) and len(windows[b + len(rows)]) * (len(rows) + 1) <= self.batch_tokens:
+                rows.append(windows[b + len(rows)])
+            b += len(rows)
+            width = len(rows[-1])
+            batch = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, w in enumerate(rows):
+                batch[r, :len(w)] = torch.as_tensor(w)
+            cache = self.model.new_cache(width, batch=len(rows))
+            logits = self.model(batch.to(self.device), cache, start=0, logits_for=slice(None))
+            target = batch[:, 1:].to(logits.device)
+            losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(),
+                                     reduction="none").view(len(rows), -1).float().cpu()
+            for r, w in enumerate(rows):
+                for s, e, keep in todo[w]:
+                    # losses[r, j] is the loss of token s + j + 1.
+                    out[keep:e] = losses[r, keep - s - 1:e - s - 1]
+        return out
+
+    # -- answers after a fixed prefix ------------------------------------------
+    def prefix_cache(self, prefix_ids: Sequence[int], batch: int, extra: int):
+        """A KV buffer of `batch` rows, each holding the prefix's K/V, room for `extra` more tokens."""
+        p = len(prefix_ids)
+        one = self.model.new_cache(p, batch=1)
+        self.model(torch.as_tensor([list(prefix_ids)], device=self.device), one, start=0, logits_for=None)
+        cache = self.model.new_cache(p + extra, batch=batch)
+        cache.k[:, :, :, :p] = one.k[:, :1, :, :p]
+        cache.v[:, :, :, :p] = one.v[:, :1, :, :p]
+        cache.length = p
+        return cache
+
+    def next_token_probs(self, prefix_ids: Sequence[int], suffixes: Sequence[Sequence[int]],
+                         answer_ids: Sequence[int], batch: int = 16) -> torch.Tensor:
+        """P(answer | prefix + suffix) for each suffix and answer token: float32 [n, len(answer_ids)].
+
+        The prefix is prefilled once; each batch of suffixes (right-padded, which a
+        causal model never attends to) is written after it in the same buffer.
+        """
+        out = torch.zeros((len(suffixes), len(answer_ids)))
+        if not suffixes:
+            return out
+        p = len(prefix_ids)
+        order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
+        longest = max(len(s) for s in suffixes)
+        cache = self.prefix_cache(prefix_ids, min(batch, len(suffixes)), longest)
+        answers = torch.as_tensor(list(answer_ids))
+        pad = int(answer_ids[0])
+        for b in range(0, len(order), batch):
+            rows = order[b:b + batch]
+            if len(rows) != cache.k.shape[1]:
+                cache = self.prefix_cache(prefix_ids, len(rows), longest)
+            width = max(len(suffixes[i]) for i in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            for r, i in enumerate(rows):
+                ids[r, :len(suffixes[i])] = torch.as_tensor(list(suffixes[i]))
+            last = torch.as_tensor([len(suffixes[i]) - 1 for i in rows])
+            needed = torch.unique(last)  # logits only where some row ends
+            cache.length = p
+            logits = self.model(ids.to(self.device), cache, start=p, logits_for=needed.to(self.device))
+            col = torch.searchsorted(needed, last)
+            picked = logits.cpu()[torch.arange(len(rows)), col]  # [rows, V]
+            probs = torch.softmax(picked.float(), dim=-1)[:, answers]
+            out[torch.as_tensor(rows)] = probs
+        return out
+
+    # -- losses of one text after another -------------------------------------
+    def continuation_loss(self, context_ids: Sequence[int], ids: Sequence[int]) -> float:
+        """Mean loss of `ids` following `context_ids` (both non-empty)."""
+        full = torch.as_tensor([list(context_ids) + list(ids)], device=self.device)
+        cache = self.model.new_cache(full.shape[1])
+        c = len(context_ids)
+        logits = self.model(full, cache, start=0, logits_for=slice(c - 1, full.shape[1] - 1))
+        return float(F.cross_entropy(logits[0].float(), full[0, c:], reduction="mean"))

@@ -1,0 +1,151 @@
+"""The decode loop: one token per forward pass, or a Lookahead draft tree verified in one pass.
+
+Both run on `DecodeStep` over the request's preallocated KV buffer; nothing is
+recomputed and nothing grows. The loop stops on a stop token or string, at
+max_new_tokens, when the client goes away (`on_text` returns False), or when
+the buffer is full ("context").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from rag.decode_step import stepper_for
+from rag.kv_cache import KVCache
+from rag.lookahead import Lookahead, compact
+from rag.model import Transformer
+from rag.sampling import sample
+from rag.tokenizer import ChatTokenizer
+
+
+@dataclass
+class DecodeResult:
+    ids: list[int]
+    text: str
+    finish: str  # "stop", "length", "cancelled" or "context"
+    ttft_s: float
+    steps: int = 0  # forward passes
+    drafted: int = 0  # draft tokens verified
+    accepted: int = 0  # draft tokens accepted
+
+    @property
+    def accepted_per_step(self) -> float:
+        """Tokens gained per forward pass (1.0 without drafting)."""
+        return (self.steps + self.accepted) / self.steps if self.steps else 0.0
+
+
+class _Output:
+    """Collects tokens and applies the stop rules, one token at a time."""
+
+    def __init__(self, tokenizer: ChatTokenizer, max_new_tokens: int, stop: list[str] | None,
+                 on_text: Callable[[str], bool | None] | None):
+        self.tok = tokenizer
+        self.max_new = max_new_tokens
+        self.stop = [s for s in (stop or []) if s]
+        self.on_text = on_text
+        # Without a listener or stop strings the text is decoded once, at the end.
+        self.live = bool(self.stop) or on_text is not None
+        self.ids: list[int] = []
+        self.text = ""
+        self.finish = "length"
+
+    def push(self, token: int) -> bool:
+        """Add a token; False when generation must end (finish says why)."""
+        if token in self.tok.stop_ids:
+            self.finish = "stop"
+            return False
+        self.ids.append(token)
+        if self.live:
+            new_text = self.tok.decode(self.ids)
+            cuts = [new_text.find(s) for s in self.stop if s in new_text]
+            if cuts:
+                new_text, self.finish = new_text[:min(cuts)], "stop"
+            delta, self.text = new_text[len(self.text):], new_text
+            if delta and self.on_text is not None and self.on_text(delta) is False:
+                self.finish = "cancelled"
+                return False
+            if self.finish == "stop":
+                return False
+        return len(self.ids) < self.max_new
+
+    def final_text(self) -> str:
+        return self.text if self.live else self.tok.decode(self.ids)
+
+
+@torch.inference_mode()
+def decode(
+    model: Transformer,
+    tokenizer: ChatTokenizer,
+    cache: KVCache,
+    logits: torch.Tensor,
+    start: int,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: list[str] | None = None,
+    on_text: Callable[[str], bool | None] | None = None,
+    seed: int | None = None,
+    drafter: Lookahead | None = None,
+) -> DecodeResult:
+    """Generate from next-token `logits` [V] with slots [0, start) of `cache` filled."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    step = stepper_for(model)
+    out = _Output(tokenizer, max_new_tokens, stop, on_text)
+    res = DecodeResult([], "", "length", 0.0)
+    if max_new_tokens <= 0:
+        return res
+    t0 = time.perf_counter()
+    tok = sample(logits, temperature, top_p, gen)
+    res.ttft_s = time.perf_counter() - t0
+    pending: list[int] = []  # tokens chosen but not yet emitted (accepted drafts)
+    pos = start
+    ids = torch.empty(1, dtype=torch.long, device=model.device)
+    while True:
+        if not out.push(tok):
+            break
+        if drafter is not None:
+            drafter.commit(tok)
+        if pending:
+            tok = pending.pop(0)
+            continue
+        if pos >= cache.max_len:
+            out.finish = "context"
+            break
+        # Drafts past the tokens still wanted would be wasted rows.
+        room = min(cache.max_len - pos, max_new_tokens - len(out.ids))
+        tree = drafter.draft(tok, room) if drafter is not None else None
+        res.steps += 1
+        if tree is None or len(tree) == 1:
+            ids[0] = tok
+            tok = sample(step(ids, cache, pos)[0], temperature, top_p, gen)
+            pos += 1
+            continue
+        tree_ids = torch.tensor(tree.tokens, device=model.device)
+        positions = torch.tensor(tree.depths, device=model.device) + pos
+        rows = step(tree_ids, cache, pos, positions=positions, mask=tree.mask(pos).to(model.device),
+                    all_logits=True)
+        if temperature <= 0:
+            greedy = rows.argmax(-1).tolist()
+            path, new = tree.walk(greedy.__getitem__)
+        else:
+            path, new = tree.walk(lambda i, rows=rows: sample(rows[i], temperature, top_p, gen))
+        compact(cache, pos, path)
+        pos += len(path)
+        cache.length = pos
+        res.drafted += len(tree) - 1
+        res.accepted += len(path) - 1
+        tok, pending = new[0], new[1:]
+    cache.length = min(cache.length, pos)
+    res.ids, res.text, res.finish = out.ids, out.final_text(), out.finish
+    return res
+
+
+def new_drafter(context: Sequence[int], temperature: float, lookahead: bool | None) -> Lookahead | None:
+    """Lookahead is on by default for greedy decoding; with sampling only when asked (it stays exact)."""
+    on = temperature <= 0 if lookahead is None else lookahead
+    return Lookahead(context) if on else None

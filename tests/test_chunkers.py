@@ -1,0 +1,172 @@
+"""Chunkers on real text: exact offsets for every chunker, PPL boundaries at a topic seam, merging limits."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ingest.chunkers import CHUNKERS, Resources, make_chunker
+from ingest.chunkers.merge import TokenCounter, merge_meta_chunks
+from ingest.chunkers.meta_margin import adaptive_boundaries
+from ingest.chunkers.meta_ppl import find_minima
+from ingest.lm_scorer import plan_windows
+from ingest.sentences import split_sentences
+from rag.config import Settings
+from rag.embedder import MAX_WORDPIECES
+from rag.model_loader import resolve_model_dir
+
+REPO = Path(__file__).resolve().parents[1]
+CORPORA = REPO.parent / "shared" / "data" / "chroma_eval" / "corpora"
+needs_corpora = pytest.mark.skipif(not CORPORA.is_dir(), reason="shared corpora not available")
+
+
+def corpus(name: str, start: int = 0, n: int = 3000) -> str:
+    return (CORPORA / f"{name}.md").read_text(encoding="utf-8")[start:start + n]
+
+
+@pytest.fixture(scope="module")
+def resources(tmp_path_factory):
+    model = resolve_model_dir("", REPO / "kvrag_data" / "models")  # converted once, reused
+    return Resources(Settings(data_dir=tmp_path_factory.mktemp("data"), model=str(model)))
+
+
+def assert_exact(text: str, spans):
+    assert spans
+    for s, e in spans:
+        assert 0 <= s < e <= len(text)
+        assert text[s:e] == text[s:e].strip()
+    covered = "".join(text[s:e] for s, e in spans)
+    # Nothing but whitespace is dropped (overlapping chunkers may repeat text).
+    assert len("".join(covered.split())) >= len("".join(text.split()))
+
+
+@needs_corpora
+@pytest.mark.parametrize("name", CHUNKERS)
+def test_every_chunker_keeps_exact_offsets_on_real_text(resources, name):
+    text = corpus("pubmed", 20000, 2500) + "\n\n" + corpus("finance", 0, 1500)
+    chunker = make_chunker(name, resources, 80)
+    spans = chunker.split(text)
+    assert_exact(text, spans)
+    counter = TokenCounter(resources.embedder.tokenizer, text)
+    assert max(counter.count(s, e) for s, e in spans) <= MAX_WORDPIECES
+    if name != "token":  # sentence-based chunkers end chunks at sentence ends
+        ends = {e for _, e in split_sentences(text)}
+        assert all(e in ends for _, e in spans[:-1])
+
+
+@needs_corpora
+def test_ppl_chunking_splits_at_the_seam_of_two_topics(resources):
+    a = corpus("state_of_the_union", 0, 1400)
+    b = corpus("pubmed", 30000, 1400)
+    a = a[:a.rfind(".") + 1]
+    b = b[b.find(". ") + 2:]
+    text = a + "\n" + b
+    seam = len(a)
+    chunker = make_chunker("meta-ppl", resources, 120)
+    sentences = split_sentences(text)
+    minima, _ = chunker.boundaries(text, sentences)
+    seam_sentence = max(i for i, (_, e) in enumerate(sentences) if e <= seam)
+    assert seam_sentence in minima
+    assert seam in {e for _, e in chunker.split(text)}
+
+
+def test_find_minima_threshold_and_plateau():
+    values = [3.0, 1.0, 2.0, 2.0, 1.9, 5.0, 4.0, 4.0, 6.0]
+    assert find_minima(values) == [1, 4, 6]
+    assert find_minima(values, threshold=1.5) == [1, 4]
+
+
+def test_adaptive_threshold_follows_recent_margins():
+    margins = [0.5, 0.1, 0.6, 0.6, 0.6, 0.2, 0.9, -0.1]
+    # Threshold 0 for the first five, then the mean of the last five.
+    assert adaptive_boundaries(margins) == [5, 7]
+
+
+def test_windows_cover_every_token_with_context():
+    ids = list(range(5000))
+    plan = plan_windows(ids, 512, 64)
+    kept = [i for _, e, keep in plan for i in range(keep, e)]
+    assert kept == list(range(1, 5000))
+    for s, e, keep in plan:
+        assert e - s <= 512 and (keep - s >= 64 or s == 0)
+
+
+def test_repeated_text_gets_identical_windows():
+    block = [(i * 7919) % 3000 for i in range(3000)]
+    plan = plan_windows([1, 2, 3] + block + [9] * 50 + block, 512, 64)
+    first = {tuple(block[s - 3:e - 3]) for s, e, _ in plan if s >= 3 and e <= 3003}
+    second = {tuple(block[s - 3053:e - 3053]) for s, e, _ in plan if s >= 3053}
+    assert len(first & second) >= 3
+
+
+@needs_corpora
+def test_windowed_losses_match_a_full_pass(resources):
+    scorer = resources.scorer
+    ids = scorer.tokenizer.encode_text(corpus("wikitexts", 0, 2000))[:300]
+    full = scorer.model(torch.tensor([ids]), scorer.model.new_cache(len(ids)), start=0, logits_for=slice(None))
+    ref = torch.nn.functional.cross_entropy(full[0, :-1], torch.tensor(ids[1:]), reduction="none")
+    old = scorer.window, scorer.context
+    try:
+        scorer.window, scorer.context = 400, 64
+        got = scorer.token_losses(ids)
+        assert math.isnan(got[0])
+        assert torch.allclose(got[1:], ref, atol=1e-3)
+        scorer.window, scorer.context = 128, 100  # many windows, batched with padding
+        windowed = scorer.token_losses(ids)
+        # Tokens up to 100 still see the whole text before them: exact.
+        assert torch.allclose(windowed[1:101], ref[:100], atol=1e-3)
+        # Later ones see 100+ tokens instead of up to 300: close, not equal.
+        assert (windowed[101:] - ref[100:]).abs().mean() < 0.5
+    finally:
+        scorer.window, scorer.context = old
+
+
+@needs_corpora
+def test_merge_respects_target_and_hard_max(resources):
+    text = corpus("wikitexts", 0, 6000)
+    sentences = split_sentences(text)
+    counter = TokenCounter(resources.embedder.tokenizer, text)
+    # No boundaries at all: one meta-chunk that must be split under the hard max.
+    spans = merge_meta_chunks(text, sentences, [], counter, target=100, max_tokens=60)
+    assert all(counter.count(s, e) <= 60 for s, e in spans)
+    assert len(spans) > 1
+    # A boundary after every sentence: chunks grow up to the target.
+    spans = merge_meta_chunks(text, sentences, list(range(len(sentences))), counter, target=100)
+    sizes = [counter.count(s, e) for s, e in spans]
+    singles = {(s, e) for s, e in sentences}
+    assert all(n <= 100 or span in singles for n, span in zip(sizes, spans, strict=True))
+    assert max(sizes) <= MAX_WORDPIECES
+    assert sum(sizes) / len(sizes) > 50
+
+
+@needs_corpora
+def test_merge_keeps_paragraphs_before_sentences(resources):
+    tok = resources.embedder.tokenizer
+    paragraphs = corpus("state_of_the_union", 0, 20000).split("\n\n")
+    n = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in paragraphs]
+    i = next(i for i in range(len(n) - 1) if 40 <= n[i] <= 90 and 40 <= n[i + 1] <= 90
+             and len(split_sentences(paragraphs[i])) > 1 and len(split_sentences(paragraphs[i + 1])) > 1)
+    text = paragraphs[i] + "\n\n" + paragraphs[i + 1]
+    counter = TokenCounter(tok, text)
+    target = max(n[i], n[i + 1]) + 5  # each paragraph fits, both together do not
+    spans = merge_meta_chunks(text, split_sentences(text), [], counter, target=target)
+    # Left-to-right packing would pull the second paragraph's first sentences into the first chunk.
+    assert spans == [(0, len(paragraphs[i])), (len(paragraphs[i]) + 2, len(text))]
+
+
+@needs_corpora
+def test_llama_index_node_parser_keeps_offsets(resources):
+    from llama_index.core.schema import Document
+
+    from ingest.llama_index_adapter import MetaChunkingNodeParser
+
+    text = corpus("state_of_the_union", 0, 2500)
+    text = text + "\n\n" + text  # repeated text: offsets must not come from a text search
+    parser = MetaChunkingNodeParser.from_name("meta-ppl", 60, resources=resources)
+    nodes = parser.get_nodes_from_documents([Document(text=text)])
+    assert len(nodes) > 2
+    assert all(n.text == text[n.start_char_idx:n.end_char_idx] for n in nodes)
+    assert nodes[-1].end_char_idx > len(text) // 2

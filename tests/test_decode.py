@@ -1,0 +1,137 @@
+"""The decode loop on the real model: lean steps, Lookahead losslessness, stop rules, the context limit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rag.config import SYSTEM_PROMPT
+from rag.decode import decode
+from rag.engine import Engine
+from rag.lookahead import Lookahead
+from tests.conftest import SAMPLES
+
+QUESTIONS = (
+    "How tall is the Greywater Point lighthouse?",
+    "Who was the first principal keeper of Greywater Point?",
+    "What is the light characteristic of Skerra Rock Lighthouse?",
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a shared 2-core machine, 2 threads per process run several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def engine(lm32) -> Engine:
+    return Engine(lm32, SYSTEM_PROMPT)
+
+
+@pytest.fixture(scope="module")
+def paragraphs() -> list[str]:
+    text = "\n\n".join(p.read_text(encoding="utf-8") for p in sorted(SAMPLES.glob("*.md")))
+    return [p.strip() for p in text.split("\n\n") if len(p.strip()) > 150]
+
+
+def _prompt(engine: Engine, paragraphs: list[str], question: str, n_tokens: int):
+    """Paragraphs sharing the most words with the question, up to ~n_tokens of context."""
+    words = set(question.lower().split())
+    ranked = sorted(paragraphs, key=lambda p: -len(words & set(p.lower().split())))
+    chunks, used = [], 0
+    for p in ranked:
+        n = len(engine.prompts.chunk_ids(p))
+        if used + n > n_tokens:
+            break
+        chunks.append(p)
+        used += n
+    return engine.prompts.build(chunks, question)
+
+
+def _run(engine: Engine, pre, prompt, max_new: int, drafter=None, **kw):
+    pre.cache.length = len(prompt)
+    return decode(engine.model, engine.tokenizer, pre.cache, pre.logits[-1], len(prompt), max_new,
+                  drafter=drafter, **kw)
+
+
+def test_lean_step_matches_the_model_forward_loop(engine, paragraphs):
+    """The lean loop picks the same greedy tokens as plain Transformer.forward steps."""
+    prompt = _prompt(engine, paragraphs, QUESTIONS[0], 300)
+    pre = engine.prefill(prompt, extra_slots=24)
+    lean = _run(engine, pre, prompt, 16)
+    cache = engine.prefill(prompt, extra_slots=24).cache
+    tok, ref, pos = int(pre.logits[-1].argmax()), [], len(prompt)
+    while len(ref) < len(lean.ids) and tok not in engine.tokenizer.stop_ids:
+        ref.append(tok)
+        tok = int(engine.model(torch.tensor([[tok]]), cache, pos)[0, -1].argmax())
+        pos += 1
+    assert lean.ids == ref and len(ref) >= 8
+    assert lean.steps == len(lean.ids) - (lean.finish != "stop")
+
+
+@pytest.mark.parametrize("context_tokens", [300, 1000])
+def test_greedy_lookahead_is_token_for_token_identical(engine, paragraphs, context_tokens):
+    accepted = 0
+    for q in QUESTIONS:
+        prompt = _prompt(engine, paragraphs, q, context_tokens)
+        pre = engine.prefill(prompt, extra_slots=40)
+        lean = _run(engine, pre, prompt, 40)
+        la = _run(engine, pre, prompt, 40, Lookahead(prompt.ids()[len(prompt.header):]))
+        assert la.ids == lean.ids, (q, engine.tokenizer.decode(lean.ids), engine.tokenizer.decode(la.ids))
+        assert la.text == lean.text and la.finish == lean.finish
+        assert la.steps + la.accepted == lean.steps
+        accepted += la.accepted
+    assert accepted > 0  # the drafts did get used
+
+
+def test_sampling_with_lookahead_draws_the_same_tokens(engine, paragraphs):
+    """Each tree node is decided by a draw from the model's own distribution, in order: same seed, same text."""
+    prompt = _prompt(engine, paragraphs, QUESTIONS[1], 300)
+    pre = engine.prefill(prompt, extra_slots=32)
+    kw = dict(temperature=0.7, top_p=0.9, seed=3)
+    plain = _run(engine, pre, prompt, 32, **kw)
+    la = _run(engine, pre, prompt, 32, Lookahead(prompt.ids()[len(prompt.header):]), **kw)
+    assert la.ids == plain.ids
+
+
+def test_generate_defaults_lookahead_on_for_greedy_only(engine, paragraphs):
+    prompt = _prompt(engine, paragraphs, QUESTIONS[0], 300)
+    on = engine.generate(prompt, max_new_tokens=24)
+    off = engine.generate(prompt, max_new_tokens=24, lookahead=False)
+    assert on.token_ids == off.token_ids and on.text == off.text
+    assert on.stats["decode_steps"] < off.stats["decode_steps"] and off.stats["draft_accepted_tokens"] == 0
+    sampled = engine.generate(prompt, max_new_tokens=8, temperature=0.7, seed=1)
+    assert sampled.stats["draft_accepted_tokens"] == 0
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_long_generation_stops_cleanly_at_the_context_limit(engine, paragraphs, lookahead):
+    prompt = _prompt(engine, paragraphs, "Repeat the documents word for word.", 200)
+    small = Engine(engine.lm, SYSTEM_PROMPT, max_context=len(prompt) + 12)
+    gen = small.generate(prompt, max_new_tokens=200, lookahead=lookahead)
+    assert gen.finish_reason == "context" and 0 < len(gen.token_ids) <= 12
+
+    # Directly: a buffer with 6 free slots is filled to the end and never grows.
+    pre = engine.prefill(prompt, extra_slots=6)
+    k_ptr, max_len = pre.cache.k.data_ptr(), pre.cache.max_len
+    drafter = Lookahead(prompt.ids()[len(prompt.header):]) if lookahead else None
+    r = _run(engine, pre, prompt, 200, drafter)
+    assert r.finish == "context" and len(r.ids) == 7  # 6 fed tokens + the last one chosen
+    assert pre.cache.k.data_ptr() == k_ptr and pre.cache.max_len == max_len and pre.cache.length == max_len
+
+
+def test_stop_strings_and_cancellation(engine, paragraphs):
+    prompt = _prompt(engine, paragraphs, QUESTIONS[0], 300)
+    pre = engine.prefill(prompt, extra_slots=40)
+    full = _run(engine, pre, prompt, 40)
+    assert len(full.text.split()) > 3
+    word = full.text.split()[2]
+    cut = _run(engine, pre, prompt, 40, Lookahead(prompt.ids()[len(prompt.header):]), stop=[word])
+    assert cut.finish == "stop" and cut.text == full.text[:full.text.find(word)]
+    seen: list[str] = []
+    gone = _run(engine, pre, prompt, 40, on_text=lambda d: seen.append(d) or len(seen) < 2)
+    assert gone.finish == "cancelled" and len(seen) == 2 and "".join(seen) == full.text[:len("".join(seen))]

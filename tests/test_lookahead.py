@@ -1,0 +1,147 @@
+"""Lookahead: the n-gram trie, draft trees, the tree mask, and one tree verified against plain steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rag.decode_step import stepper_for
+from rag.lookahead import DraftTree, Lookahead, NgramTrie, compact
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a shared 2-core machine, 2 threads per process run several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_trie_counts_every_ngram_and_streams_match_bulk_insert():
+    trie = NgramTrie(depth=3)
+    trie.insert([1, 2, 3, 1, 2, 4])
+    assert trie.find([1]).count == 2
+    node = trie.find([1, 2])
+    assert node.count == 2 and set(node.kids) == {3, 4}
+    assert trie.find([2, 3, 1]).count == 1
+    assert trie.find([1, 2, 3, 1]) is None  # longer than depth
+    assert trie.find([4, 1]) is None
+
+    streamed = NgramTrie(depth=3)
+    s = streamed.stream()
+    for t in [1, 2, 3, 1, 2, 4]:
+        s.push(t)
+    for prefix in ([1], [1, 2], [2, 3, 1], [3, 1, 2], [2, 4]):
+        assert streamed.find(prefix).count == trie.find(prefix).count
+
+
+def test_draft_follows_the_context_and_respects_budget_and_depth():
+    context = [5, 6, 7, 8, 9, 10, 11, 5, 6, 7, 20, 21]
+    la = Lookahead(context, budget=6, max_depth=4, max_prefix=2, decay=1.0, min_p=0.0)
+    la.commit(5)
+    la.commit(6)
+    tree = la.draft(root=6, room=100)
+    assert len(tree) - 1 <= 6 and max(tree.depths) <= 4
+    # Both continuations of "5 6" start with 7 (count 2); after it the branch splits.
+    assert tree.tokens[1] == 7 and tree.parents[1] == 0
+    branches = {tuple(_path_tokens(tree, i)) for i in range(len(tree)) if not tree.kids[i]}
+    assert (7, 8, 9, 10) in branches and (7, 20, 21) in branches
+    # Depth-first layout: the first branch sits in consecutive slots after the root.
+    first = [0]
+    while tree.kids[first[-1]]:
+        first.append(first[-1] + 1)
+        assert tree.parents[first[-1]] == first[-2]
+    # Room limits the tree (room counts the root).
+    assert len(la.draft(root=6, room=3)) <= 3
+    assert len(la.draft(root=6, room=1)) == 1
+    # Unlikely branches are left out: after "7" each has a chance of 0.5 * 0.5 (decay) * 1/2 < 0.3.
+    picky = Lookahead(context, budget=6, max_depth=4, max_prefix=2, decay=0.5, min_p=0.3)
+    picky.commit(5)
+    picky.commit(6)
+    assert picky.draft(root=6, room=100).tokens == [6, 7]
+    # Nothing known after an unseen token: no draft.
+    la.commit(999)
+    assert len(la.draft(root=999, room=100)) == 1
+
+
+def _path_tokens(tree: DraftTree, i: int) -> list[int]:
+    out = []
+    while i > 0:
+        out.append(tree.tokens[i])
+        i = tree.parents[i]
+    return out[::-1]
+
+
+def _two_branch_tree(a: list[int], b: list[int], root: int) -> DraftTree:
+    """root -> a[0] -> a[1] ..., and root -> b[0] -> b[1] ... (b[0] != a[0])."""
+    tree = DraftTree([root], [-1], [0], [{}])
+    for branch in (a, b):
+        parent = 0
+        for tok in branch:
+            idx = len(tree.tokens)
+            tree.tokens.append(tok)
+            tree.parents.append(parent)
+            tree.depths.append(tree.depths[parent] + 1)
+            tree.kids.append({})
+            tree.kids[parent][tok] = idx
+            parent = idx
+    return tree
+
+
+def test_tree_mask_lets_each_node_see_only_committed_slots_and_its_ancestors():
+    tree = _two_branch_tree([11, 12, 13], [21, 22], root=1)
+    m = tree.mask(committed=4)
+    assert m.shape == (6, 10) and m[:, :4].all()
+    expected_tree_part = torch.tensor([
+        [1, 0, 0, 0, 0, 0],  # root
+        [1, 1, 0, 0, 0, 0],  # 11
+        [1, 1, 1, 0, 0, 0],  # 12
+        [1, 1, 1, 1, 0, 0],  # 13
+        [1, 0, 0, 0, 1, 0],  # 21: not 11, 12, 13
+        [1, 0, 0, 0, 1, 1],  # 22
+    ], dtype=torch.bool)
+    assert torch.equal(m[:, 4:], expected_tree_part)
+    # Walking: the model picks 21 after the root, then 22, then 7 (not in the tree).
+    choice = {0: 21, 4: 22, 5: 7}
+    path, new = tree.walk(choice.__getitem__)
+    assert path == [0, 4, 5] and new == [21, 22, 7]
+
+
+def test_tree_verification_equals_plain_steps_on_each_branch(lm32):
+    """One masked pass over a two-branch tree gives each node the logits (and K/V) of plain decoding."""
+    model, tok = lm32.model, lm32.tokenizer
+    ids = tok.encode_text("The Saltmere lighthouse stands on a granite cliff above the harbour. Its first keeper")
+    n = len(ids)
+    a = tok.encode_text(" was Josiah")
+    b = tok.encode_text(", a sailor")
+    assert a[0] != b[0]
+    step = stepper_for(model)
+
+    def plain(branch: list[int]) -> tuple[torch.Tensor, object]:
+        cache = model.new_cache(n + 8)
+        model(torch.tensor([ids[:-1]]), cache, 0, logits_for=None)
+        rows = [step(torch.tensor([t]), cache, n - 1 + i)[0] for i, t in enumerate([ids[-1], *branch])]
+        return torch.stack(rows), cache
+
+    cache = model.new_cache(n + 8)
+    model(torch.tensor([ids[:-1]]), cache, 0, logits_for=None)
+    tree = _two_branch_tree(a, b, root=ids[-1])
+    committed = n - 1
+    positions = torch.tensor(tree.depths) + committed
+    rows = step(torch.tensor(tree.tokens), cache, committed, positions=positions, mask=tree.mask(committed),
+                all_logits=True)
+    ref_a, _ = plain(a)
+    ref_b, cache_b = plain(b)
+    got_a = rows[[0, *range(1, 1 + len(a))]]
+    got_b = rows[[0, *range(1 + len(a), 1 + len(a) + len(b))]]
+    assert (got_a - ref_a).abs().max() < 1e-3
+    assert (got_b - ref_b).abs().max() < 1e-3
+    assert torch.equal(got_a.argmax(-1), ref_a.argmax(-1)) and torch.equal(got_b.argmax(-1), ref_b.argmax(-1))
+
+    # Accepting branch b moves its K/V into the contiguous slots plain decoding would have filled.
+    path = [0, *range(1 + len(a), 1 + len(a) + len(b))]
+    compact(cache, committed, path)
+    end = committed + len(path)
+    assert (cache.k[:, :, :, :end] - cache_b.k[:, :, :, :end]).abs().max() < 1e-4
+    assert (cache.v[:, :, :, :end] - cache_b.v[:, :, :, :end]).abs().max() < 1e-4
