@@ -135,8 +135,10 @@ class DecodeStep:
         if mask is None and t > 1:
             mask = torch.ones(t, end, dtype=torch.bool, device=ids.device).tril_(start)
         if mask is not None:
-            # Query rows are (group member, token): every member of a group shares the mask.
-            mask = mask.repeat(self.group, 1)
+            # Query rows are (group member, token): every member of a group shares the mask. Made
+            # additive once here, not by SDPA in every layer.
+            mask = torch.zeros(mask.shape, dtype=self.model.dtype, device=ids.device).masked_fill_(
+                ~mask, float("-inf")).repeat(self.group, 1)
         hd, kh, g, eps = a.head_dim, a.n_kv_heads, self.group, a.norm_eps
         nqk = a.n_heads + kh
         x = F.embedding(ids, self.embed_w)  # [T, dim]

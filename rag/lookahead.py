@@ -152,9 +152,10 @@ class Lookahead:
     are left out.
     """
 
-    # Defaults tuned offline on 40 COVID-QA and 8 sample answers (greedy, ~2K tokens of context)
-    # against the measured cost of a verification pass on this CPU (T rows ~ 1 + 0.09 (T-1) steps).
-    def __init__(self, context: Sequence[int] = (), *, budget: int = 6, max_depth: int = 8,
+    # Defaults tuned offline on the greedy answers to 40 COVID-QA and 8 sample questions (~2K
+    # tokens of context) against the measured cost of verifying T rows on this 2-core AVX2 CPU,
+    # 1 + (0.09 .. 0.14) (T - 1) single steps: small trees of likely nodes pay, big ones do not.
+    def __init__(self, context: Sequence[int] = (), *, budget: int = 4, max_depth: int = 8,
                  max_prefix: int = 4, min_prefix: int = 1, decay: float = 0.9, min_p: float = 0.2):
         self.budget = budget
         self.max_depth = max_depth
