@@ -135,3 +135,19 @@ def test_stop_strings_and_cancellation(engine, paragraphs):
     seen: list[str] = []
     gone = _run(engine, pre, prompt, 40, on_text=lambda d: seen.append(d) or len(seen) < 2)
     assert gone.finish == "cancelled" and len(seen) == 2 and "".join(seen) == full.text[:len("".join(seen))]
+
+
+def test_decode_pass_linears_are_batch_invariant(lm32):
+    """A row's result must not depend on how many rows share the pass (tree vs one token)."""
+    from rag.decode_step import stepper_for
+
+    step = stepper_for(lm32.model)
+    if not step.packed:
+        pytest.skip("packed oneDNN weights are used only for float32 on CPU")
+    lin = step.layers[0][1]
+    x = torch.randn(16, lm32.model.args.dim)
+    rows = lin(x)
+    for i in (0, 7, 15):
+        assert torch.equal(lin(x[i:i + 1])[0], rows[i])
+    other = torch.randn(16, lin(x[:1]).shape[1])
+    assert torch.equal(lin(x[3:4], "add", other[3:4])[0], lin(x, "add", other)[3])
