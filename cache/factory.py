@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -26,6 +27,7 @@ def build_store(
     *,
     fingerprint: str = "",
     redis_prefix: str = DEFAULT_PREFIX,
+    stats_path: Path | None = None,
 ) -> TieredStore:
     """Memory tier unless memory_mb == 0; disk tier unless disk_mb == 0 (or no dir);
     Redis tier only when redis_url is set. Never touches the network here: an
@@ -35,4 +37,4 @@ def build_store(
     disk = DiskTier(disk_dir, int(disk_mb * MB), stats) if disk_dir is not None and disk_mb > 0 else None
     redis = RedisTier(redis_url, redis_ttl_s, redis_prefix, stats) if redis_url else None
     return TieredStore(memory, redis, disk, fingerprint=fingerprint, device=device,
-                       max_new_per_request=max_new_per_request, stats=stats)
+                       max_new_per_request=max_new_per_request, stats=stats, stats_path=stats_path)

@@ -144,7 +144,9 @@ class RedisTier:
                 return None
         try:
             result = fn()
-        except (redis.RedisError, OSError) as e:
+        except (redis.RedisError, OSError, TypeError) as e:
+            # TypeError: redis-py's pool can hand one thread a connection that a concurrent
+            # failure just tore down (socket None) while the server dies. Still just "down".
             self._mark_down(what, e)
             return None
         self._mark_up()

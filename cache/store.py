@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
@@ -45,6 +46,7 @@ class TieredStore:
         max_new_per_request: int | None = None,
         stats: CacheStats | None = None,
         prefetch_workers: int = 2,
+        stats_path: Path | None = None,
     ) -> None:
         self.memory = memory
         self.redis = redis
@@ -54,6 +56,7 @@ class TieredStore:
         self.max_new_per_request = max_new_per_request
         # The store owns the counters: its tiers all report into them.
         self._stats = stats if stats is not None else CacheStats()
+        self.stats_path = stats_path  # running totals across processes (persist_stats)
         self._byte_tiers: list[ByteTier] = [t for t in (redis, disk) if t is not None]
         for tier in (memory, *self._byte_tiers):
             if tier is not None:
@@ -164,9 +167,14 @@ class TieredStore:
     def tier_names(self) -> list[str]:
         return [tier.name for tier in self._all_tiers()]
 
+    def persist_stats(self) -> dict | None:
+        """Add this store's counts since the last call to the totals at stats_path (if set)."""
+        return self._stats.persist(self.stats_path) if self.stats_path is not None else None
+
     def close(self) -> None:
         self._prefetcher.shutdown(wait=True)
         self.flush()
+        self.persist_stats()
         self._writer.shutdown(wait=True)
         for tier in self._all_tiers():
             tier.close()

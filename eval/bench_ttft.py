@@ -13,7 +13,8 @@ blend) of the next-token distributions at every question position, and how
 often their argmax agrees, averaged over the prompts (repeat r uses prompt
 r mod n_prompts, so one chunk set does not decide). ms per token per layer
 compares a full prefill with the blend's partial layers (those after the last
-check layer, where only the selected and question tokens are computed).
+check layer, where only the selected and question tokens are computed; the last
+layer, which only writes the selected tokens' K/V, is left out).
 """
 
 from __future__ import annotations
@@ -52,11 +53,15 @@ def default_corpus() -> Path:
 
 
 def _question(engine: Engine, chunk_text: str, n_tokens: int) -> str:
-    """A question of about n_tokens tokens about a sentence of the chunk."""
+    """A question of about n_tokens tokens on a sentence from the middle of the chunk: a model
+    that reads the chunk right predicts much of it, so it tests the reused K/V."""
     sentences = [s for s in re.split(r"(?<=[.!?])\s+", chunk_text) if len(s.split()) >= 8] or [chunk_text]
     s = sentences[len(sentences) // 2].strip()
-    ids = engine.tokenizer.encode_text("According to the documents, is it true that " + s[0].lower() + s[1:])
-    return engine.tokenizer.decode(ids[:max(1, n_tokens - 1)]).rstrip(" .,;:!?") + "?"
+    ids = engine.tokenizer.encode_text("Is it true that " + s[0].lower() + s[1:])
+    text = engine.tokenizer.decode(ids[:max(1, n_tokens - 1)])
+    if len(ids) >= n_tokens and " " in text:
+        text = text.rsplit(" ", 1)[0]  # no half words
+    return text.rstrip(" .,;:!?") + "?"
 
 
 def build_prompts(engine: Engine, corpus: Path, n_prompts: int, chunks: int, chunk_tokens: int,
@@ -80,11 +85,13 @@ def build_prompts(engine: Engine, corpus: Path, n_prompts: int, chunks: int, chu
     return prompts
 
 
-def kl_top1(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
-    """Mean KL(ref || got) over positions and argmax agreement, from logits [n, V]."""
+def kl_top1(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float, float]:
+    """From logits [n, V]: mean KL(ref || got) over positions, argmax agreement, and
+    agreement at the last position (the first answer token)."""
     lr, lg = ref.float().log_softmax(-1), got.float().log_softmax(-1)
-    kl = (lr.exp() * (lr - lg)).sum(-1).mean().item()
-    return kl, (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
+    kl = max(0.0, (lr.exp() * (lr - lg)).sum(-1).mean().item())  # no -0.0 from rounding
+    same = ref.argmax(-1) == got.argmax(-1)
+    return kl, same.float().mean().item(), float(same[-1])
 
 
 def _full(engine: Engine, prompt: Prompt) -> tuple[float, torch.Tensor]:
@@ -95,10 +102,11 @@ def _full(engine: Engine, prompt: Prompt) -> tuple[float, torch.Tensor]:
 
 
 def _blend(engine: Engine, prompt: Prompt, kvs: list[ChunkKV], ratio: float,
-           gradual: int) -> tuple[float, BlendResult]:
+           gradual: int, selection: str) -> tuple[float, BlendResult]:
     # What Engine.prefill(mode="blend") does, called directly to keep the per-layer timings.
     t0 = time.perf_counter()
-    r = blend_prefill(engine.model, engine.new_cache(len(prompt)), prompt, kvs, ratio, gradual=gradual)
+    r = blend_prefill(engine.model, engine.new_cache(len(prompt)), prompt, kvs, ratio, gradual=gradual,
+                      selection=selection)
     int(r.logits[-1].argmax())
     return 1000 * (time.perf_counter() - t0), r
 
@@ -111,17 +119,26 @@ def _per_token_layer(r: BlendResult, layers: range | list[int]) -> float | None:
 
 def run_ttft_bench(settings: Settings, corpus: Path | None = None, chunks: int = 4, chunk_tokens: int = 512,
                    question_tokens: int = 32, ratios: tuple[float, ...] = DEFAULT_RATIOS, repeats: int = 3,
-                   gradual: int = 1, gradual_row: int = 3, n_prompts: int = 3) -> dict:
+                   gradual: int = 1, gradual_row: int = 3, n_prompts: int = 3,
+                   deviation_row: bool = True) -> dict:
     """Full prefill vs blend at each ratio (single check layer, or `gradual` check layers),
-    plus one gradual-filtering row (`gradual_row` check layers at the ratio nearest 0.15)."""
+    plus, at the ratio in (0, 1) nearest 0.15, one gradual-filtering row (`gradual_row` check
+    layers) and one row with the paper's selection (K/V deviation at check layer 1)."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     lm = load_model(settings.model, settings.models_dir, settings.torch_dtype, settings.torch_device)
     engine = Engine(lm, settings.system_prompt, settings.max_context_tokens)
     engine.header_kv()
     prompts = build_prompts(engine, corpus or default_corpus(), n_prompts, chunks, chunk_tokens, question_tokens)
     kvs = [[engine.chunk_kv(c) for c in p.chunks] for p in prompts]  # also warms the model up
-    modes = [(float(r), gradual) for r in ratios]
-    if gradual_row and gradual_row != gradual and ratios:
-        modes.append((min(ratios, key=lambda r: abs(r - 0.15)), gradual_row))
+    modes = [(float(r), gradual, "attention") for r in ratios]
+    partial_ratios = [float(r) for r in ratios if 0 < r < 1]  # where there is something to filter
+    if partial_ratios:
+        near = min(partial_ratios, key=lambda r: abs(r - 0.15))
+        if gradual_row and gradual_row != gradual:
+            modes.append((near, gradual_row, "attention"))
+        if deviation_row:
+            modes.append((near, 1, "deviation"))
 
     full_ms: list[float] = []
     ms: dict[tuple, list[float]] = {m: [] for m in modes}
@@ -129,6 +146,7 @@ def run_ttft_bench(settings: Settings, corpus: Path | None = None, chunks: int =
     early: dict[tuple, list[float]] = {m: [] for m in modes}
     logits: dict[tuple | None, dict[int, torch.Tensor]] = {m: {} for m in [None, *modes]}
     counts: dict[tuple, tuple[int, int]] = {}
+    keys: dict[tuple, float] = {}  # mean keys a token reads in the partial layers (prompt 0)
 
     def run(m: tuple | None, i: int, timed: bool) -> None:
         if m is None:
@@ -137,10 +155,15 @@ def run_ttft_bench(settings: Settings, corpus: Path | None = None, chunks: int =
                 full_ms.append(t)
             return
         t, r = _blend(engine, prompts[i], kvs[i], *m)
-        logits[m][i], counts[m] = r.logits, (r.recomputed, r.computed)
+        logits[m][i] = r.logits
+        if i == 0:
+            counts[m] = (r.recomputed, r.computed)
+            footer = torch.arange(prompts[0].context_end, len(prompts[0]))
+            keys[m] = torch.cat([r.selected.cpu(), footer]).float().mean().item() + 1
         if timed:
             ms[m].append(t)
-            after_checks = range(max(r.checks, default=-1) + 1, len(r.layer_ms))
+            # The last layer computes only K/V for the selected tokens: leave it out, to be fair.
+            after_checks = range(max(r.checks, default=-1) + 1, len(r.layer_ms) - 1)
             before_checks = range(min(r.checks, default=0))
             if (v := _per_token_layer(r, after_checks)) is not None:
                 partial[m].append(v)
@@ -160,26 +183,30 @@ def run_ttft_bench(settings: Settings, corpus: Path | None = None, chunks: int =
     full = statistics.median(full_ms)
     n_layers = lm.model.args.n_layers
     computed = [len(p) - len(p.header) for p in prompts[:max(1, min(repeats, len(prompts)))]]
+    h0 = len(prompts[0].header)
     out_modes = []
     for m in modes:
         t = statistics.median(ms[m])
         q = [kl_top1(logits[None][i], logits[m][i]) for i in range(len(prompts))]
         out_modes.append({
-            "ratio": m[0], "gradual": m[1], "ttft_ms": round(t, 1), "speedup": round(full / t, 2),
-            "kl_mean": round(statistics.fmean(k for k, _ in q), 5),
-            "top1": round(statistics.fmean(a for _, a in q), 4),
+            "ratio": m[0], "gradual": m[1], "selection": m[2], "ttft_ms": round(t, 1), "speedup": round(full / t, 2),
+            "kl_mean": round(statistics.fmean(k for k, _, _ in q), 5),
+            "top1": round(statistics.fmean(a for _, a, _ in q), 4),
+            "first_token": round(statistics.fmean(f for _, _, f in q), 3),
             "recomputed_tokens": counts[m][0], "computed_tokens": counts[m][1],
             "ms_per_token_layer_partial": _round(partial[m], 5),
             "ms_per_token_layer_full_layers": _round(early[m], 5),
+            "mean_keys_per_token": round(keys[m]),
         })
     return {
         "model": lm.name, "dtype": str(lm.model.dtype).removeprefix("torch."),
         "kv_dtype": str(engine.kv_dtype).removeprefix("torch."), "device": str(lm.model.device),
         "threads": torch.get_num_threads(), "corpus": str(corpus or default_corpus()),
         "prompts": len(prompts), "repeats": repeats, "context_tokens": len(prompts[0]),
-        "question_tokens": len(prompts[0].footer), "reused_tokens": sum(len(c) for c in prompts[0].chunks),
+        "footer_tokens": len(prompts[0].footer), "reused_tokens": sum(len(c) for c in prompts[0].chunks),
         "full": {"ttft_ms": round(full, 1),
-                 "ms_per_token_layer": round(full / statistics.fmean(computed) / n_layers, 5)},
+                 "ms_per_token_layer": round(full / statistics.fmean(computed) / n_layers, 5),
+                 "mean_keys_per_token": round((h0 + len(prompts[0]) + 1) / 2)},
         "modes": out_modes,
     }
 
@@ -189,13 +216,17 @@ def _round(values: list[float], digits: int) -> float | None:
 
 
 def markdown(result: dict) -> str:
-    rows = [{"ratio": "full", "gradual": "", "ttft_ms": result["full"]["ttft_ms"], "speedup": 1.0,
-             "kl_mean": 0.0, "top1": 1.0, "recomputed_tokens": result["reused_tokens"],
-             "ms_per_token_layer_partial": result["full"]["ms_per_token_layer"]}, *result["modes"]]
-    cols = [("ratio", "ratio", str), ("gradual", "check layers", str), ("ttft_ms", "TTFT ms", num(0)),
+    rows = [{"ratio": "full", "gradual": "", "selection": "", "ttft_ms": result["full"]["ttft_ms"], "speedup": 1.0,
+             "kl_mean": 0.0, "top1": 1.0, "first_token": 1.0, "recomputed_tokens": result["reused_tokens"],
+             "ms_per_token_layer_partial": result["full"]["ms_per_token_layer"],
+             "mean_keys_per_token": result["full"]["mean_keys_per_token"]}, *result["modes"]]
+    cols = [("ratio", "ratio", str), ("selection", "selection", str), ("gradual", "check layers", str),
+            ("ttft_ms", "TTFT ms", num(0)),
             ("speedup", "speedup", num(2)), ("kl_mean", "KL mean", num(4)), ("top1", "top-1", num(3)),
+            ("first_token", "first token", num(2)),
             ("recomputed_tokens", "recomputed", str),
-            ("ms_per_token_layer_partial", "ms/token/layer (partial layers)", num(4))]
+            ("ms_per_token_layer_partial", "ms/token/layer (partial layers)", num(4)),
+            ("mean_keys_per_token", "keys/token", num(0))]
     return markdown_table(rows, cols)
 
 
@@ -205,7 +236,8 @@ def plot(result: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = sorted((m for m in result["modes"] if m["gradual"] == result["modes"][0]["gradual"]),
+    main = result["modes"][0]
+    rows = sorted((m for m in result["modes"] if (m["gradual"], m["selection"]) == (main["gradual"], main["selection"])),
                   key=lambda m: m["ratio"])
     x = [m["ratio"] for m in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
@@ -214,12 +246,15 @@ def plot(result: dict, path: Path) -> Path:
     a1.set(xlabel="recompute ratio", ylabel="TTFT speedup vs full prefill (x)", title="Speed")
     a2.plot(x, [m["kl_mean"] for m in rows], "o-", color="C1")
     a2.set(xlabel="recompute ratio", ylabel="mean KL(full || blend)", title="Quality")
-    for m in result["modes"]:
-        if m not in rows:
-            a1.plot(m["ratio"], m["speedup"], "s", color="C2", label=f"gradual {m['gradual']}")
-            a2.plot(m["ratio"], m["kl_mean"], "s", color="C2", label=f"gradual {m['gradual']}")
-            a1.legend()
-            a2.legend()
+    extra = [m for m in result["modes"] if m not in rows]
+    for j, m in enumerate(extra):
+        color = f"C{2 + j}"
+        label = f"{m['selection']}, {m['gradual']} check layer(s)"
+        a1.plot(m["ratio"], m["speedup"], "s", color=color, label=label)
+        a2.plot(m["ratio"], m["kl_mean"], "s", color=color, label=label)
+    if extra:
+        a1.legend()
+        a2.legend()
     for a in (a1, a2):
         a.grid(alpha=0.3)
     fig.suptitle(f"{result['model']} ({result['dtype']}, KV {result['kv_dtype']}), "
@@ -242,16 +277,28 @@ def add_bench_ttft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradual", type=int, default=1, help="check layers for the ratio rows (1 = one check layer)")
     p.add_argument("--gradual-row", type=int, default=3, help="check layers of the extra gradual row (0 = none)")
     p.add_argument("--prompts", type=int, default=3, help="chunk sets the quality is averaged over")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: KVRAG_THREADS, else torch's)")
     p.add_argument("--json", type=Path, default=None, help="write the result here, and a PNG plot beside it")
 
 
 def cmd_bench_ttft(args: argparse.Namespace, settings: Settings | None = None) -> int:
-    result = run_ttft_bench(settings or Settings(), args.corpus, args.chunks, args.chunk_tokens,
+    settings = settings or Settings()
+    if args.threads is not None:
+        settings = settings.model_copy(update={"threads": args.threads})
+    result = run_ttft_bench(settings, args.corpus, args.chunks, args.chunk_tokens,
                             args.question_tokens, args.ratios, args.repeats, args.gradual, args.gradual_row,
                             args.prompts)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         plot(result, args.json.with_suffix(".png"))
+    print(f"{result['model']} {result['dtype']} (KV {result['kv_dtype']}), {result['device']}, "
+          f"{result['threads']} thread(s), {result['context_tokens']} tokens, {result['prompts']} prompts\n")
     print(markdown(result))
     return 0
+
+
+if __name__ == "__main__":  # python -m eval.bench_ttft ... (the same as `kvrag bench ttft`)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_bench_ttft_args(parser)
+    raise SystemExit(cmd_bench_ttft(parser.parse_args()))

@@ -10,10 +10,8 @@ index without its caches. One run at a time per index (a lock file).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import time
@@ -208,38 +206,3 @@ def delete_documents(doc_ids: list[str], settings: Settings, on_removed: Removed
             removed[doc_id] = job.remove(doc_id)
     job.after_commit()
     return removed
-
-
-def add_ingest_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The flags of `kvrag ingest PATH... [--chunker NAME] [--chunk-size N] [--delete-missing]`."""
-    from ingest.chunkers import CHUNKERS
-
-    p.add_argument("paths", nargs="+", type=Path, help="files or folders (.txt .md .html .pdf)")
-    p.add_argument("--chunker", choices=CHUNKERS, default=None, help="default: KVRAG_CHUNKER")
-    p.add_argument("--chunk-size", type=int, default=None, help="target chunk size in embedder wordpieces")
-    p.add_argument("--chunk-overlap", type=int, default=None, help="overlap (token and recursive chunkers)")
-    p.add_argument("--delete-missing", action="store_true",
-                   help="remove indexed documents under the given folders whose files are gone")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    return p
-
-
-def cmd_ingest(args: argparse.Namespace, settings: Settings | None = None,
-               on_removed: RemovedHook | None = None) -> int:
-    """Run an ingestion from parsed flags; prints the summary. Exit code 1 if any file failed."""
-    settings = settings or Settings()
-    summary = ingest(args.paths, settings, chunker=args.chunker, chunk_size=args.chunk_size,
-                     chunk_overlap=args.chunk_overlap, delete_missing=args.delete_missing,
-                     on_removed=on_removed, progress=not args.no_progress)
-    if args.json:
-        print(json.dumps(summary.as_dict(), indent=2))
-    else:
-        print(summary.describe())
-    return 1 if summary.failed else 0
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING)
-    parser = add_ingest_args(argparse.ArgumentParser(prog="python -m ingest.job", description="Ingest documents."))
-    raise SystemExit(cmd_ingest(parser.parse_args()))

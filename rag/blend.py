@@ -2,23 +2,29 @@
 
 Each chunk's K/V was computed right behind the fixed header, so it lacks the
 attention to the chunks before it in this prompt. The first chunk sits exactly
-where it was computed: its K/V is already exact and it is never recomputed
-(unless the budget exceeds all the other chunks). For the others:
+where it was computed: its K/V is already exact and gets no budget (unless the
+budget exceeds all the other chunks). For the others:
 
 1. A cheap pass of the question alone over the stitched cache records how much
-   attention each context token gets from the question in every layer. The stale
-   cache is good enough for this: its ranking matches full prefill's (Spearman ~0.9).
-2. The first layers run on every token of the later chunks, up to the check layer,
-   whose fresh K/V are compared with the cached ones.
-3. Tokens are ranked by (attention from the question in the layers after the check)
-   x (deviation of their K/V); the top ceil(ratio * reused) are kept, and the deeper
-   layers compute only them plus the question, writing fresh K/V into the cache.
+   attention each context token gets from the question in every layer.
+2. The reused tokens are ranked by that attention, summed over the layers where a
+   recomputed token's fresh K/V will be read; the top ceil(ratio * reused) are kept.
+3. Every layer computes only them plus the question (and any uncached chunk),
+   writing fresh K/V over the stale ones; `check_layer` > 0 first runs that many
+   layers on all tokens of the later chunks, `gradual` shrinks the set over layers.
 
-Why not deviation alone (CacheBlend's code): on 6 real-text prompts of 4 x 512
-tokens, ratio 0.15, mean KL to full prefill was 0.087 with no recompute, 0.079
-with random tokens, 0.069 with K+V deviation at layer 1, and 0.04 with the
-question-attention ranking: the question reads a few tokens heavily, and one
-early layer's deviation says little about those (see eval/RESULTS_ttft.md).
+`selection="deviation"` is CacheBlend's own rule, kept to measure against: the
+later chunks run in full up to the check layer (default 1), which ranks them by
+how far their fresh K/V moved from the cached ones.
+
+Why not rank by K/V deviation at a check layer, as CacheBlend does: on 12
+real-text prompts (4 x 512 tokens, ratio 0.15) the mean KL to full prefill was
+0.093 with no recompute, 0.085 with random tokens, 0.074 with K+V deviation at
+layer 1, 0.060 at layer 3, and 0.033 with this ranking, with no full layer at
+all. One early layer's deviation says little about the tokens the question
+actually reads: even the true deviation summed over all layers only reached
+0.054. The question's attention over the stale cache is a good estimate of its
+attention over the exact one (Spearman ~0.9). Numbers: eval/RESULTS_ttft.md.
 
 Attention is causal by position for every computed token, so a selected token
 in the middle never sees later ones.
@@ -28,18 +34,20 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 
 from cache.entry import ChunkKV
 from rag.kv_cache import KVCache
-from rag.model import Transformer, apply_rope, causal_attention, rope_cos_sin
+from rag.model import Transformer, causal_attention, rope_cos_sin
 from rag.prompt import Prompt
 
-# Defaults measured by eval/bench_ttft.py (see eval/RESULTS_ttft.md).
-CHECK_LAYER = 0  # layers run on every token of the later chunks before selecting
-QUERY_GROUP = 64  # queries per masked-attention call in the blend
+# Measured defaults (eval/RESULTS_ttft.md). Layers run on all tokens before selecting: each
+# costs 1/30 of a full prefill, and layer 0 buys nothing (its cached K/V are already exact).
+CHECK_LAYER = 0
+SELECTIONS = ("attention", "deviation")
 
 
 @dataclass
@@ -48,31 +56,53 @@ class BlendResult:
     recomputed: int  # reused (cached) tokens recomputed past the check layer
     computed: int  # tokens computed in the deepest layer (recomputed + always-computed)
     reused: int  # tokens whose K/V came from a chunk cache
+    selected: torch.Tensor | None = None  # slots of the recomputed reused tokens
     checks: list[int] = field(default_factory=list)  # layers where tokens were dropped
     layer_tokens: list[int] = field(default_factory=list)  # tokens computed in each layer
     layer_ms: list[float] = field(default_factory=list)  # wall time of each layer
 
 
-def rerotate(k: torch.Tensor, delta: int, inv_freq: torch.Tensor) -> torch.Tensor:
+def rerotate(k: torch.Tensor, delta: int, inv_freq: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Keys rotated at positions p -> rotated at p + delta (exact: rotations compose).
 
-    Uses the raw inverse frequencies: any attention scaling of cos/sin (YaRN) is
-    already inside k and must not be applied twice.
+    Computed in float32 (16-bit keys are promoted) and rounded once, into `out` (a slice of
+    the request buffer; float32 if not given). One delta for all keys, so the rotation is a
+    2x2 on the two halves with scalar cos/sin per frequency: no full-size temporaries (5x
+    faster than apply_rope here). Uses the raw inverse frequencies: any attention scaling of
+    cos/sin (YaRN) is already inside k and must not be applied twice.
     """
+    out = torch.empty(k.shape, dtype=torch.float32, device=k.device) if out is None else out
     if delta == 0:
-        return k
+        return out.copy_(k)
+    half = k.shape[-1] // 2
     cos, sin = rope_cos_sin(inv_freq.to(k.device), torch.tensor([delta], device=k.device))
-    return apply_rope(k.float(), cos, sin).to(k.dtype)
+    c, s = cos[0, :half], sin[0, :half]  # rope_cos_sin repeats its halves
+    k1, k2 = k[..., :half].float(), k[..., half:].float()
+    out[..., :half] = k1 * c - k2 * s
+    out[..., half:] = k2 * c + k1 * s
+    return out
 
 
-def stitch(cache: KVCache, prompt: Prompt, chunk_kvs: list[ChunkKV | None], inv_freq: torch.Tensor) -> None:
-    """Place each cached chunk's K/V at its position in this prompt."""
-    for start, kv in zip(prompt.chunk_starts, chunk_kvs, strict=True):
+def stitch(cache: KVCache, prompt: Prompt, chunk_kvs: Iterable[ChunkKV | None],
+           inv_freq: torch.Tensor) -> list[ChunkKV | None]:
+    """Place each cached chunk's K/V at its position in this prompt; zero an uncached chunk's
+    slots, so nothing reads uninitialized memory (NaN) before they are computed.
+
+    `chunk_kvs` may be a stream (a generator over a store's in-flight loads): each chunk is
+    placed as soon as it arrives, while the later ones are still loading. Returns them all.
+    """
+    cache.ensure(prompt.context_end)
+    placed = []
+    for start, kv, chunk in zip(prompt.chunk_starts, chunk_kvs, prompt.chunks, strict=True):
+        placed.append(kv)
         if kv is None:
-            continue
-        # Rotate in the cache's dtype: rotating bf16 keys and rounding back to bf16 adds error.
-        k = rerotate(kv.k.to(device=cache.k.device, dtype=cache.k.dtype), start - kv.base_position, inv_freq)
-        cache.load(start, k, kv.v.to(device=cache.v.device, dtype=cache.v.dtype))
+            cache.k[:, :, :, start:start + len(chunk)] = 0
+            cache.v[:, :, :, start:start + len(chunk)] = 0
+        else:
+            kv, end = kv.to(cache.k.device), start + len(chunk)
+            rerotate(kv.k, start - kv.base_position, inv_freq, out=cache.k[:, 0, :, start:end])
+            cache.v[:, 0, :, start:end] = kv.v
+    return placed
 
 
 def keep_counts(ratio: float, n_reused: int, n_checks: int) -> list[int]:
@@ -96,29 +126,29 @@ def question_attention(model: Transformer, cache: KVCache, prompt: Prompt,
     cos, sin = model.rope(slots)
     x = model.embed(torch.tensor([prompt.footer], device=model.device))
     seen = torch.cat([visible, torch.ones(t, dtype=torch.bool, device=model.device)])
-    hidden = ((torch.arange(end, device=model.device)[None, :] > slots[:, None]) | ~seen).repeat(rep, 1)
+    allowed = (torch.arange(end, device=model.device)[None, :] <= slots[:, None]) & seen
+    mask = torch.zeros(allowed.shape, dtype=x.dtype, device=model.device).masked_fill_(~allowed, float("-inf"))
+    mask = mask.repeat(rep, 1).expand(a.n_kv_heads, -1, -1)
     mass = []
     for i, layer in enumerate(model.layers):
         q, k, v = layer.qkv(x, cos, sin)
         cache.write(i, slots, k, v)
         # Explicit attention, as SDPA does not return the weights. Query heads that share a KV
-        # head become rows of one matrix: [1, KH, rep * T, D], so K is never copied per head.
-        qg = q.reshape(1, a.n_kv_heads, rep * t, a.head_dim)
-        s = (qg @ cache.k[i, :, :, :end].transpose(-1, -2)).float() * a.head_dim ** -0.5
-        p = s.masked_fill_(hidden, float("-inf")).softmax(-1)
-        mass.append(p.mean((0, 1, 2)))
-        out = p.to(v.dtype) @ cache.v[i, :, :, :end]
-        x = layer.finish(x, out.view(1, a.n_heads, t, a.head_dim))
+        # head become rows of one matrix: [KH, rep * T, D], so K is never copied per head.
+        qg = q.reshape(a.n_kv_heads, rep * t, a.head_dim)
+        p = torch.baddbmm(mask, qg, cache.k[i, 0, :, :end].transpose(-1, -2), alpha=a.head_dim ** -0.5)
+        p = p.float().softmax(-1)
+        mass.append(p.mean((0, 1)))
+        if i + 1 < len(model.layers):  # the last layer's output is not needed
+            out = p.to(v.dtype) @ cache.v[i, 0, :, :end]
+            x = layer.finish(x, out.view(1, a.n_heads, t, a.head_dim))
     return torch.stack(mass)
 
 
-def attend(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """causal_attention over scattered query slots, in groups of QUERY_GROUP: a group reads
-    every key up to its last slot, so small groups waste less on masked-out keys."""
-    if len(slots) <= QUERY_GROUP:
-        return causal_attention(q, k_buf, v_buf, slots, None)
-    return torch.cat([causal_attention(q[:, :, g:g + QUERY_GROUP], k_buf, v_buf, slots[g:g + QUERY_GROUP], None)
-                      for g in range(0, len(slots), QUERY_GROUP)], dim=2)
+def _top(score: torch.Tensor, forced: torch.Tensor, n_reused: int) -> torch.Tensor:
+    """Indices (in order) of the forced tokens plus the n_reused best-scoring others."""
+    n_keep = min(len(score), int(forced.sum()) + n_reused)
+    return score.masked_fill(forced, float("inf")).topk(n_keep).indices.sort().values
 
 
 @torch.inference_mode()
@@ -126,21 +156,34 @@ def blend_prefill(
     model: Transformer,
     cache: KVCache,
     prompt: Prompt,
-    chunk_kvs: list[ChunkKV | None],
+    chunk_kvs: Iterable[ChunkKV | None],
     ratio: float,
-    check_layer: int = CHECK_LAYER,
+    check_layer: int | None = None,
     gradual: int = 1,
+    selection: str = "attention",
 ) -> BlendResult:
     """Prefill everything after the (already cached) header by blending chunk caches.
 
     `cache` holds the header's K/V in slots [0, len(header)). Layers before `check_layer`
-    run on every token of the later chunks; from it on, only the selected ones. `gradual`
-    > 1 spreads the selection over that many layers, each keeping fewer (CacheBlend's
-    gradual filtering).
+    run on every token of the later chunks (refreshing their K/V there); from it on, only
+    the selected ones. `gradual` > 1 spreads the selection over that many layers, each
+    keeping fewer (CacheBlend's gradual filtering).
+
+    `selection="attention"` (default) ranks by the question's attention over the stale cache;
+    `"deviation"` is the paper's rule: the check layer runs on all of them and ranks them by
+    how far their fresh K/V are from the cached ones (check_layer >= 1, default 1, as layer
+    0's cached K/V are already exact).
     """
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    by_deviation = selection == "deviation"
+    if check_layer is None:
+        check_layer = 1 if by_deviation else CHECK_LAYER
+    if by_deviation and check_layer < 1:
+        raise ValueError("deviation selection needs check_layer >= 1: layer 0's K/V do not deviate")
     h, n_total = len(prompt.header), len(prompt)
     cache.ensure(n_total)
-    stitch(cache, prompt, chunk_kvs, model.inv_freq)
+    chunk_kvs = stitch(cache, prompt, chunk_kvs, model.inv_freq)
     device = model.device
     n = n_total - h
     cached = torch.zeros(n, dtype=torch.bool, device=device)  # K/V came from a chunk cache
@@ -157,41 +200,56 @@ def blend_prefill(
         pool = cached  # more budget than the later chunks hold: the first chunk too
     n_pool = int(pool.sum())
     counts = [min(c, n_pool) for c in keep_counts(ratio, n_reused, max(1, gradual))]
-    checks = {check_layer + j: c for j, c in enumerate(counts)} if 0 < target < n_pool else {}
-    if checks:
-        # Rank by the attention the question pays each token in the layers from the one after
-        # the check on, where a kept token's fresh K/V will be read.
+    # Selection layers: check_layer, then one per layer. A token dropped right after layer 0
+    # would have bought nothing (layer 0's cached K/V are exact), so then the second is layer 2.
+    layers = [check_layer + j for j in range(len(counts))]
+    if check_layer == 0 and not by_deviation:
+        layers[1:] = [layer + 1 for layer in layers[1:]]
+    if check_layer < 0 or layers[-1] >= model.args.n_layers:
+        raise ValueError(f"selection layers {layers} outside the model's {model.args.n_layers}")
+    checks = dict(zip(layers, counts, strict=True)) if 0 < target < n_pool else {}
+    if checks and not by_deviation:
+        # Rank by the attention the question pays each token in the layers where a kept token's
+        # fresh K/V will be read (layer 0's cached K/V depend on token and position only: exact).
         seen = torch.cat([torch.ones(h, dtype=torch.bool, device=device), cached[:prompt.context_end - h]])
         mass = question_attention(model, cache, prompt, seen)[:, h:]
         after = mass.flip(0).cumsum(0).flip(0)  # after[l] = sum over layers >= l
         after[:, exact] = -1.0  # already exact: last choice
-        after[:, forced] = float("inf")
     active = ((forced | pool) if target else forced).nonzero().squeeze(1)
     cos_all, sin_all = model.rope(torch.arange(h, n_total, device=device))
     x = model.embed(torch.tensor([prompt.ids()[h:]], device=device)[:, active])
+    n_footer = len(prompt.footer)
     layer_tokens, layer_ms = [], []
 
     for i, layer in enumerate(model.layers):
         t0 = time.perf_counter()
-        if i in checks:
-            score = after[min(i + 1, len(after) - 1), active]
-            n_keep = min(len(active), int(forced[active].sum()) + checks[i])
-            keep = score.topk(n_keep).indices.sort().values
+        if i in checks and not by_deviation:
+            keep = _top(after[max(i, 1), active], forced[active], checks[i])
             active, x = active[keep], x[:, keep]
         positions = active + h
         q, k, v = layer.qkv(x, cos_all[active], sin_all[active])
-        cache.write(i, positions, k, v)  # fresh K/V over the stale ones
-        x = layer.finish(x, attend(q, cache.k[i], cache.v[i], positions))
+        if i in checks and by_deviation:
+            # How far each token's fresh K/V moved from the cached ones, in this layer.
+            old_k, old_v = cache.k[i, 0][:, positions], cache.v[i, 0][:, positions]
+            score = ((k[0] - old_k).norm(dim=-1) + (v[0] - old_v).norm(dim=-1)).sum(0)
+            cache.write(i, positions, k, v)  # computed anyway: fresh for every token here
+            keep = _top(score.masked_fill(exact[active], -1.0), forced[active], checks[i])
+            active, x, positions, q = active[keep], x[:, keep], positions[keep], q[:, :, keep]
+        else:
+            cache.write(i, positions, k, v)  # fresh K/V over the stale ones
+        if i == len(model.layers) - 1:  # past the last K/V, only the question's outputs matter
+            q, x, positions = q[:, :, -n_footer:], x[:, -n_footer:], positions[-n_footer:]
+        x = layer.finish(x, causal_attention(q, cache.k[i], cache.v[i], positions, None))
         layer_tokens.append(len(active))
         layer_ms.append(1000 * (time.perf_counter() - t0))
 
-    n_footer = len(prompt.footer)
     cache.length = max(cache.length, n_total)
     return BlendResult(
-        logits=model.logits(x[0, -n_footer:]),
+        logits=model.logits(x[0]),
         recomputed=int((~forced[active]).sum()),
         computed=len(active),
         reused=n_reused,
+        selected=active[~forced[active]] + h,
         checks=sorted(checks),
         layer_tokens=layer_tokens,
         layer_ms=layer_ms,

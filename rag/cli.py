@@ -9,11 +9,15 @@ import sys
 from functools import cache
 from pathlib import Path
 
+from ingest.chunkers import CHUNKERS
 from rag.config import Settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {"data_dir": args.data_dir} if args.data_dir else {}
+    for name in ("selection", "gradual"):  # `kvrag ask` blend options
+        if getattr(args, name, None) is not None:
+            overrides[f"blend_{name}"] = getattr(args, name)
     return Settings(**overrides)
 
 
@@ -43,16 +47,14 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     s = _settings(args)
     summary = ingest(args.paths, s, chunker=args.chunker, chunk_size=args.chunk_size,
-                     delete_missing=args.delete_missing, on_removed=_kv_evictor(s), progress=not args.json)
+                     chunk_overlap=args.chunk_overlap, delete_missing=args.delete_missing,
+                     on_removed=_kv_evictor(s), progress=not (args.json or args.no_progress))
     if args.json:
         _print_json(summary.as_dict())
     else:
-        print(f"files {summary.files}: {summary.added} added, {summary.updated} updated, "
-              f"{summary.unchanged} unchanged, {summary.deleted} deleted, {len(summary.failed)} failed")
-        print(f"chunks +{summary.chunks_added} -{summary.chunks_removed}; {summary.tokens} tokens in "
-              f"{summary.seconds:.1f} s ({summary.tokens_per_s:.0f} tokens/s)")
-        for path, reason in summary.failed:
-            print(f"  skipped {path}: {reason}", file=sys.stderr)
+        print(summary.describe())
+    # Exit 0 with skipped files: the run committed the rest (and a one-shot ingest in a compose
+    # file must not keep the API from starting over one broken file). They are in the summary.
     return 0
 
 
@@ -94,6 +96,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    from cache.stats import load_totals, summarize
     from rag.docstore import Docstore
     from rag.embedder import Embedder
     from rag.index_store import IndexStore
@@ -110,11 +113,20 @@ def cmd_stats(args: argparse.Namespace) -> int:
     kv_files = list(kv_dir.rglob("*")) if kv_dir.exists() else []
     out["kv_disk"] = {"entries": sum(1 for f in kv_files if f.is_file()),
                       "bytes": sum(f.stat().st_size for f in kv_files if f.is_file())}
+    # Store traffic of every process on this data dir (ask, serve, cache warm), per tier.
+    out["kv_cache"] = summarize(load_totals(s.cache_stats_path))
     if args.json:
         _print_json(out)
-    else:
-        for key, val in out.items():
-            print(f"{key}: {val}")
+        return 0
+    kv = out.pop("kv_cache")
+    for key, val in out.items():
+        print(f"{key}: {val}")
+    print(f"kv_cache loads: {kv['load_ms']['count']} requests, {kv['load_ms']['keys']} chunks, "
+          f"mean {kv['load_ms']['mean_ms']:.1f} ms, max {kv['load_ms']['max_ms']:.1f} ms")
+    for tier, c in kv["tiers"].items():
+        print(f"kv_cache {tier}: hits {c['hits']}, misses {c['misses']}, read {c['bytes_read'] / 2**20:.1f} MiB, "
+              f"written {c['bytes_written'] / 2**20:.1f} MiB, evictions {c['evictions']}, corrupt {c['corrupt']}, "
+              f"errors {c['errors']}")
     return 0
 
 
@@ -142,11 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("ingest", help="add or update documents (files or folders)")
-    s.add_argument("paths", nargs="+")
-    s.add_argument("--chunker", default=None)
-    s.add_argument("--chunk-size", type=int, default=None)
+    s.add_argument("paths", nargs="+", type=Path, help="files or folders (.txt .md .html .pdf)")
+    s.add_argument("--chunker", choices=CHUNKERS, default=None, help="default: KVRAG_CHUNKER")
+    s.add_argument("--chunk-size", type=int, default=None, help="target chunk size in embedder wordpieces")
+    s.add_argument("--chunk-overlap", type=int, default=None, help="overlap (token and recursive chunkers)")
     s.add_argument("--delete-missing", action="store_true", help="remove documents under PATHs that are gone")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON")
     s.set_defaults(func=cmd_ingest)
 
     s = sub.add_parser("delete", help="remove documents by id")
@@ -158,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--k", type=int, default=None)
     s.add_argument("--mode", choices=["full", "reuse", "blend"], default=None)
     s.add_argument("--ratio", type=float, default=None, help="blend recompute ratio (default 0.15)")
+    s.add_argument("--selection", choices=["attention", "deviation"], default=None,
+                   help="blend token selection: the question's attention (default) or CacheBlend's K/V deviation")
+    s.add_argument("--gradual", type=int, default=None, help="check layers for gradual filtering (default 1)")
     s.add_argument("--max-tokens", type=int, default=None)
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--json", action="store_true")

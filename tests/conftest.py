@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 import rag  # noqa: F401  (sets HF offline flags before anything loads)
 
@@ -41,3 +44,36 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip(f"{SHARED_DATA} is not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module: on a shared 2-core machine, two threads per process wait on
+    each other and run several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _private_redis():
+    from tests.redis_server import PrivateRedis
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not on PATH")
+    server = PrivateRedis()
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def private_redis():
+    """A redis-server of the test's own on a free port, which it may kill by pid and restart."""
+    yield from _private_redis()
+
+
+@pytest.fixture(scope="module")
+def module_private_redis():
+    """The same, shared by a module's tests."""
+    yield from _private_redis()

@@ -9,7 +9,6 @@ recomputed middle token must never see later tokens.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,10 +18,8 @@ from rag.blend import blend_prefill, keep_counts, rerotate
 from rag.config import SYSTEM_PROMPT
 from rag.engine import Engine
 from rag.model import causal_attention
-from rag.model_loader import load_model
 
-REPO = Path(__file__).resolve().parents[1]
-TEXT = (  # real prose (three short paragraphs), one chunk each
+TEXT = (  # three short paragraphs adapted from samples/saltmere_history.md, one chunk each
     "The Saltmere Lights Act received assent on 14 March 1871 and created the Saltmere Lights Board, "
     "which could raise light dues from every vessel calling at Port Ellery and build lighthouses "
     "throughout the chain of islands. Its first chairman was Captain Edmund Harrow.",
@@ -36,14 +33,12 @@ TEXT = (  # real prose (three short paragraphs), one chunk each
 QUESTION = "Who chose the site of the first light, and why was it chosen?"
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
-def engine():
-    # One thread: on a shared 2-core machine two threads wait on each other (10x slower here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    lm = load_model("", REPO / "kvrag_data" / "models", "float32")
-    yield Engine(lm, SYSTEM_PROMPT)
-    torch.set_num_threads(threads)
+def engine(lm32):
+    return Engine(lm32, SYSTEM_PROMPT)
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +83,7 @@ def test_first_chunk_is_exact_without_recompute(engine, case):
     assert not torch.allclose(v[5:, :, s1:s2], fv[5:, :, s1:s2].to(bf).float(), **tol)
     # And a blend spends no budget on the exact chunk while others remain.
     cache, r = _blend(engine, prompt, kvs, 0.3)
+    assert r.recomputed > 0 and bool((r.selected >= s1).all())
     assert torch.equal(cache.k[:, 0, :, s0:s1], k[:, :, s0:s1])
 
 
@@ -109,11 +105,48 @@ def test_rerotation_equals_prefill_at_the_new_position(engine):
 def test_selects_ceil_ratio_of_reused_tokens(engine, case, ratio):
     prompt, kvs, _ = case
     _, r = _blend(engine, prompt, kvs, ratio)
-    assert r.recomputed == math.ceil(ratio * r.reused)
+    assert r.recomputed == math.ceil(ratio * r.reused) == len(r.selected)
     assert r.computed == r.recomputed + len(prompt.footer)
     _, g = _blend(engine, prompt, kvs, ratio, gradual=3)
     assert g.recomputed == r.recomputed
     assert g.layer_tokens == sorted(g.layer_tokens, reverse=True)
+
+
+def test_deviation_selection_matches_full_prefill_oracle(engine, case):
+    """CacheBlend's rule: at check layer 1 the later chunks' fresh K/V (layer 0 is exact, so they
+    equal full prefill's, up to chunk 1's bf16 rounding) are compared with the stitched ones; the most deviating are kept."""
+    prompt, kvs, full = case
+    ratio = 0.2
+    cache, r = _blend(engine, prompt, kvs, ratio, selection="deviation")
+    assert r.checks == [1] and r.recomputed == math.ceil(ratio * r.reused)
+    stitched = engine.new_cache(len(prompt))
+    blend.stitch(stitched, prompt, kvs, engine.model.inv_freq)
+    s1, end = prompt.chunk_starts[1], prompt.context_end
+    fk, fv = full.cache.k[1, 0, :, s1:end], full.cache.v[1, 0, :, s1:end]
+    dev = ((fk - stitched.k[1, 0, :, s1:end]).norm(dim=-1) + (fv - stitched.v[1, 0, :, s1:end]).norm(dim=-1)).sum(0)
+    expected = dev.topk(r.recomputed).indices.sort().values + s1
+    assert torch.equal(r.selected, expected)
+    # Every later-chunk token got fresh K/V at the check layer (computed there anyway); they read
+    # chunk 1's bf16 cache entry, hence the bf16 tolerance.
+    torch.testing.assert_close(cache.k[1, 0, :, s1:end], fk, rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="check_layer >= 1"):
+        _blend(engine, prompt, kvs, ratio, selection="deviation", check_layer=0)
+    _, one = _blend(engine, prompt, kvs, 1.0, selection="deviation")
+    torch.testing.assert_close(one.logits, full.logits, rtol=1e-4, atol=2e-3)
+
+
+def test_uncached_chunk_is_computed_in_full(engine, case):
+    """A chunk without a cache (a store miss) is computed in every layer; the budget counts
+    only the reused tokens, and ratio 1.0 still reproduces full prefill."""
+    prompt, kvs, full = case
+    mixed = [kvs[0], None, kvs[2]]
+    reused = len(prompt.chunks[0]) + len(prompt.chunks[2])
+    _, r = _blend(engine, prompt, mixed, 0.3)
+    assert r.reused == reused and r.recomputed == math.ceil(0.3 * reused)
+    assert r.computed == r.recomputed + len(prompt.chunks[1]) + len(prompt.footer)
+    assert torch.isfinite(r.logits).all()
+    _, r = _blend(engine, prompt, mixed, 1.0)
+    torch.testing.assert_close(r.logits, full.logits, rtol=1e-4, atol=2e-3)
 
 
 def test_keep_counts_shrink_to_target():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import time
 import uuid
@@ -18,7 +17,7 @@ from cache.entry import ChunkKV
 from cache.redis_tier import RedisTier
 from cache.serde import dumps
 from cache.store import TieredStore
-from tests.redis_server import PrivateRedis, free_port
+from tests.redis_server import free_port
 
 FP = "fp"
 SHARED_URL = "redis://127.0.0.1:6379/0"
@@ -131,16 +130,6 @@ def test_no_ttl_when_disabled(shared_tier):
 
 
 # -- a private redis-server: outages ----------------------------------------------------
-
-
-@pytest.fixture
-def private_redis():
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server not on PATH")
-    server = PrivateRedis()
-    server.start()
-    yield server
-    server.kill()
 
 
 def warnings_from_tier(caplog) -> list[logging.LogRecord]:

@@ -16,6 +16,7 @@ from cache.factory import build_store
 from cache.memory_tier import MemoryTier
 from cache.redis_tier import RedisTier
 from cache.serde import dumps
+from cache.stats import load_totals, summarize
 from cache.store import TieredStore
 
 FP = "fp"
@@ -158,6 +159,26 @@ def test_stats_snapshot_and_reset(tmp_path):
     store.clear()
     assert store.get_many([key(1)]) == {}
     store.close()
+
+
+def test_persisted_stats_sum_over_stores_and_count_once(tmp_path):
+    """Every process adds its own traffic to one totals file; persisting twice adds nothing twice."""
+    path = tmp_path / "cache_stats.json"
+    a, b = store_with(tmp_path / "a"), store_with(tmp_path / "b")
+    a.stats_path = b.stats_path = path
+    a.put(key(1), make_entry(1))
+    a.get_many([key(1), key(2)])
+    a.persist_stats()
+    b.get_many([key(3)])
+    b.persist_stats()
+    totals = a.persist_stats()  # nothing new in a
+    assert totals["tiers"]["memory"]["hits"] == 1
+    assert totals["tiers"]["disk"]["misses"] == 2 and totals["tiers"]["memory"]["misses"] == 2
+    assert totals["load_ms"]["count"] == 2 and totals["load_ms"]["keys"] == 3
+    a.get_many([key(1)])
+    a.close()  # closing persists what is left
+    b.close()
+    assert summarize(load_totals(path))["tiers"]["memory"]["hits"] == 2
 
 
 @pytest.mark.parametrize("tiers", ["memory+redis+disk", "redis", "disk"])

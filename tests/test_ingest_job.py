@@ -176,7 +176,7 @@ def test_interrupted_ingestion_keeps_the_previous_index(tmp_path, model_dir, res
     write_docs(tmp_path / "more", 40, chars=1200, corpus="pubmed")
     env = {**os.environ, "KVRAG_DATA_DIR": str(s.data_dir), "KVRAG_MODEL": str(model_dir),
            "KVRAG_CHUNKER": "token", "KVRAG_CHUNK_SIZE": "120", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "ingest.job", str(docs), str(tmp_path / "more"), "--no-progress"],
+    proc = subprocess.Popen([sys.executable, "-m", "rag.cli", "ingest", str(docs), str(tmp_path / "more"), "--no-progress"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120

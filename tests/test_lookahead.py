@@ -8,14 +8,7 @@ import torch
 from rag.decode_step import stepper_for
 from rag.lookahead import DraftTree, Lookahead, NgramTrie, compact
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, 2 threads per process run several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_trie_counts_every_ngram_and_streams_match_bulk_insert():

@@ -2,29 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import time
 
 import pytest
 import redis
+import torch
 
 from ingest.job import ingest
+from rag.cli import main
+from rag.kv_stream import stream_chunk_kvs
 from rag.pipeline import RAG
 from tests.conftest import SAMPLES
-from tests.redis_server import PrivateRedis
 
 QUESTION = "What is the highest wind gust ever recorded in the islands?"
 
 
 @pytest.fixture(scope="module")
-def server():
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server not on PATH")
-    s = PrivateRedis()
-    s.start()
-    yield s
-    s.kill()
+def server(module_private_redis):
+    return module_private_redis
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +53,39 @@ def test_misses_are_computed_stored_then_hit(rag_with_redis, server):
     assert second.answer == first.answer
     keys = redis.Redis.from_url(server.url).keys("kvrag:kv:*")
     assert len(keys) == 2
+
+
+def test_streamed_loads_keep_order_compute_misses_and_match_a_list(rag_with_redis):
+    """stream_chunk_kvs: every load starts at once, chunks come back in prompt order as they land,
+    a miss is computed and then stored; the blend over the stream equals the blend over a list."""
+    engine, store = rag_with_redis.engine, rag_with_redis.store
+    hits = rag_with_redis.retrieve(QUESTION, 3)
+    prompt = engine.prompts.build([h.chunk.text for h in hits], QUESTION)
+    keys = [engine.chunk_key(ids) for ids in prompt.chunks]
+    exact = [engine.chunk_kv(ids) for ids in prompt.chunks]
+    for k in keys:
+        store.delete(k)
+    store.put_many({keys[0]: exact[0], keys[2]: exact[2]})
+    store.flush()
+    stats: dict = {}
+    streamed = list(stream_chunk_kvs(store, engine, prompt, stats))
+    assert stats["kv_hits"] == 2 and stats["kv_misses"] == 1 and stats["kv_wait_ms"] >= 0
+    for got, want in zip(streamed, exact, strict=True):
+        assert torch.equal(got.k, want.k) and torch.equal(got.v, want.v)
+    store.flush()
+    assert set(store.get_many(keys)) == set(keys)  # the miss was written back
+    a = engine.prefill(prompt, "blend", 0.15, stream_chunk_kvs(store, engine, prompt))
+    b = engine.prefill(prompt, "blend", 0.15, exact)
+    assert torch.equal(a.logits, b.logits)
+
+
+def test_kvrag_stats_shows_traffic_of_earlier_processes(rag_with_redis, capsys):
+    ask(rag_with_redis)
+    ask(rag_with_redis)
+    main(["--data-dir", str(rag_with_redis.settings.data_dir), "stats", "--json"])
+    kv = json.loads(capsys.readouterr().out)["kv_cache"]
+    assert kv["tiers"]["redis"]["hits"] >= 2 and kv["tiers"]["redis"]["bytes_read"] > 0
+    assert kv["load_ms"]["count"] >= 2 and kv["load_ms"]["mean_ms"] > 0
 
 
 def test_corrupt_value_is_recomputed_and_overwritten(rag_with_redis, server):
