@@ -26,7 +26,8 @@ class Embedder:
 
     def count_tokens(self, text: str) -> int:
         """Wordpieces the embedder sees (without [CLS]/[SEP])."""
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        # verbose=False: counting a long text is not feeding it to the model (no length warning).
+        return len(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     def embed(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
         """L2-normalized float32 vectors [n, dim] (inner product = cosine)."""
