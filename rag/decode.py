@@ -122,12 +122,12 @@ def decode(
         res.steps += 1
         if tree is None or len(tree) == 1:
             ids[0] = tok
-            tok = sample(step(ids, cache, pos)[0], temperature, top_p, gen)
+            tok = sample(step(ids, cache, pos, base=start)[0], temperature, top_p, gen)
             pos += 1
             continue
         tree_ids = torch.tensor(tree.tokens, device=model.device)
         positions = torch.tensor(tree.depths, device=model.device) + pos
-        rows = step(tree_ids, cache, pos, positions=positions, mask=tree.mask(pos).to(model.device),
+        rows = step(tree_ids, cache, pos, positions=positions, mask=tree.mask(pos).to(model.device), base=start,
                     all_logits=True)
         if temperature <= 0:
             greedy = rows.argmax(-1).tolist()

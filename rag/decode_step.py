@@ -6,14 +6,20 @@ weights read once per step plus per-op dispatch. This pass, separate from
 
 - RoPE cos/sin come from a table built once, not recomputed per step;
 - rotate-half is one flip and one fused multiply-add for q and k together;
-- grouped-query attention folds each query group into the query rows, so SDPA
-  never repeats K/V (no copy of the whole cache per layer and step);
-- on CPU at float32, the linear layers run on oneDNN weights packed once, with
-  bias-free SiLU / multiply / residual-add fused into the matmul. Measured on
-  this AVX2 CPU: a pass of 8 rows costs ~1.8x one row instead of ~3x with the
-  default MKL path, and the packed kernel is batch-invariant (a row's result is
-  bitwise the same whether it runs alone or among 64 rows), so a verified draft
-  tree and the plain one-token loop compute identical logits.
+- grouped-query attention folds each query group into the query rows, so K/V
+  are never repeated (no copy of the whole cache per layer and step);
+- on CPU, the linear layers run on oneDNN weights packed once (float32, and bf16
+  where the CPU has it natively), with bias-free SiLU / multiply / residual-add
+  fused into the matmul: a pass of 8 rows costs ~1.8x one row instead of ~3x.
+
+Lookahead is lossless only if a token's logits are bitwise the same in a draft
+tree and in the plain one-token loop. In bf16 they were not (ties in bf16 logits
+are common, and 3 of 8 benchmark answers changed), for three reasons, each
+handled here: a one-row matmul takes a matrix-vector path (a single token runs
+as two identical rows, MIN_ROWS); SDPA's CPU kernel changes a row's last bits
+with the row count and the key length; and a tree node's ancestors sit at other
+slots than a plain step's, so the same terms are summed in another order
+(`_attention` gathers each row's keys past the prompt into plain-step order).
 
 K/V go straight into the preallocated `KVCache` rows; nothing grows per step.
 """
@@ -29,11 +35,6 @@ from rag.kv_cache import KVCache
 from rag.model import Transformer, rope_cos_sin
 
 PACK_HINT = 8  # batch-size hint for the packed layout (invariant across 1..64 rows, measured)
-# Attention reads keys up to a multiple of this (the tail masked): the CPU kernel's result for a
-# query then does not depend on how many masked keys follow (measured: any multiple of 16 gives
-# bitwise the same row; unaligned lengths differ in ~10% of rows in bf16). A draft tree and the
-# plain loop then agree bit for bit.
-KEY_ALIGN = 16
 MIN_ROWS = 2
 
 _steppers: weakref.WeakKeyDictionary[Transformer, DecodeStep] = weakref.WeakKeyDictionary()
@@ -121,16 +122,39 @@ class DecodeStep:
         self._cos = cos.to(m.dtype)[:, None, :]
         self._sin = sin.to(m.dtype)[:, None, :]
 
+    @staticmethod
+    def _tails(cache: KVCache, base: int, start: int, t: int, rows: int,
+               mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's keys past `base`, in the order a plain step would see them: the committed
+        slots [base, start), then the row's own tree path (ancestors, itself) by depth. Padded
+        to one width per generation (the buffer's free room), the padding masked out."""
+        width = cache.max_len - base
+        idx = torch.full((rows, width), start, dtype=torch.long)
+        valid = torch.zeros(rows, width, dtype=torch.bool)
+        committed = torch.arange(base, start)
+        n = start - base
+        for j in range(rows):
+            jj = min(j, t - 1)
+            own = (torch.nonzero(mask[jj, start:start + t]).squeeze(1) if mask is not None
+                   else torch.arange(jj + 1)) + start  # a tree's ancestors come first (depth-first)
+            idx[j, :n] = committed
+            idx[j, n:n + len(own)] = own
+            valid[j, :n + len(own)] = True
+        add = torch.zeros(rows, width).masked_fill_(~valid, float("-inf"))
+        return idx.to(cache.k.device), add.to(cache.k.device)
+
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, cache: KVCache, start: int, *,
                  positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                 all_logits: bool = False) -> torch.Tensor:
+                 all_logits: bool = False, base: int | None = None) -> torch.Tensor:
         """Tokens `ids` [T] into slots start..start+T; logits float32 [T or 1, V].
 
         Positions default to the slots (a plain step); a draft tree passes its own
         (committed length + depth) and `mask` [T, start+T] (True = may attend).
-        Without a mask each token sees every slot up to its own (causal).
+        Without a mask each token sees every slot up to its own (causal). `base` is where
+        this generation's prompt ends (default: `start`): see `_attention`.
         """
+        base = start if base is None else base
         a = self.args
         t = ids.shape[0]
         end = start + t
@@ -144,18 +168,6 @@ class DecodeStep:
             if self._cos.shape[0] < need:
                 self._rope_table(max(need, 2 * self._cos.shape[0], 256))
             cos, sin = self._cos[positions], self._sin[positions]
-        keys = min(-(-end // KEY_ALIGN) * KEY_ALIGN, cache.max_len)
-        if keys > end:  # the masked tail must hold finite values (the buffer is uninitialized)
-            cache.k[:, :, :, end:keys] = 0
-            cache.v[:, :, :, end:keys] = 0
-        allowed = torch.zeros(t, keys, dtype=torch.bool, device=ids.device)
-        if mask is None:
-            allowed[:, :end] = torch.ones(t, end, dtype=torch.bool, device=ids.device).tril_(start)
-        else:
-            allowed[:, :end] = mask
-        # Additive once here, not by SDPA in every layer; row j is token j's, shared by its group.
-        masks = torch.zeros(allowed.shape, dtype=self.model.dtype, device=ids.device).masked_fill_(
-            ~allowed, float("-inf")).split(1)
         hd, kh, g, eps = a.head_dim, a.n_kv_heads, self.group, a.norm_eps
         nqk = a.n_heads + kh
         # A single token runs as two identical rows: with one row the CPU matmuls take a
@@ -164,6 +176,8 @@ class DecodeStep:
         rows = max(t, MIN_ROWS)
         if rows > t:
             ids, cos, sin = ids.expand(rows), cos.expand(rows, -1, -1), sin.expand(rows, -1, -1)
+        tail_idx, tail_mask = self._tails(cache, base, start, t, rows, mask)
+        scale = hd ** -0.5
         x = F.embedding(ids, self.embed_w)  # [rows, dim]
         ks, vs = cache.k, cache.v
         for i, (n1, wqkv, wo, n2, w_gate, w_up, w_down) in enumerate(self.layers):
@@ -174,19 +188,36 @@ class DecodeStep:
             v = qkv[:, self.q_dim + self.kv_dim:].view(rows, kh, hd)
             ks[i, 0, :, start:end] = qk[:t, a.n_heads:].transpose(0, 1)
             vs[i, 0, :, start:end] = v[:t].transpose(0, 1)
-            # One SDPA call per token, q [1, KH, G, D] (a KV head's query group as rows, so K/V are
-            # never repeated): the same call a single step makes, so a token's attention is bitwise
-            # the same in a draft and in the plain loop (the CPU kernel's rows depend on the row
-            # count in bf16).
-            q = qk[:, :a.n_heads].reshape(rows, 1, kh, g, hd)
-            k_i, v_i = ks[i, :, :, :keys], vs[i, :, :, :keys]
-            attn = torch.cat([F.scaled_dot_product_attention(q[j], k_i, v_i, attn_mask=masks[j])
-                              for j in range(t)]).view(t, self.q_dim)
-            if rows > t:
-                attn = attn.expand(rows, -1).contiguous()
-            x = wo(attn, "add", x)
+            # q [KH, rows, G, D]: a KV head's query group as rows, so K/V are never repeated.
+            q = qk[:, :a.n_heads].view(rows, kh, g, hd).transpose(0, 1).float()
+            attn = _attention(q, ks[i, 0], vs[i, 0], base, tail_idx, tail_mask, scale)
+            x = wo(attn.transpose(0, 1).reshape(rows, self.q_dim).to(x.dtype), "add", x)
             h = F.rms_norm(x, (a.dim,), n2, eps)
             x = w_down(w_up(h, "mul", w_gate(h, "swish")), "add", x)
         cache.length = max(cache.length, end)
         logits = self.lm_head(F.rms_norm(x, (a.dim,), self.norm_w, eps))
         return (logits[:t] if all_logits else logits[t - 1:t]).float()
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, base: int, tail_idx: torch.Tensor,
+               tail_mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Float32 attention of q [KH, R, G, D] over the prompt slots [0, base) of k, v [KH, S, D]
+    and each row's own tail of slots `tail_idx` [R, W]; returns [KH, R, G, D].
+
+    Laid out so that a token's result is bitwise the same whether it runs alone, as one row of
+    a draft tree, on the tree's first branch or another: the prompt part is one matmul whose rows
+    do not depend on each other (measured, for >= 2 tokens), and the tail is gathered into the
+    order a plain step would see it (a plain step's slots are contiguous, a tree node's
+    ancestors are not: summed in another order, the same terms round differently). SDPA's CPU
+    kernel, by contrast, changes a row's last bits with the row count and the key layout.
+    """
+    kh, r, g, d = q.shape
+    kt, vt = k[:, tail_idx].float(), v[:, tail_idx].float()  # [KH, R, W, D]
+    tail = torch.matmul(q, kt.transpose(2, 3)) * scale + tail_mask[None, :, None, :]
+    if base == 0:
+        return torch.matmul(tail.softmax(-1), vt)
+    kp, vp = k[:, :base].float(), v[:, :base].float()
+    head = (torch.matmul(q.reshape(kh, r * g, d), kp.transpose(1, 2)) * scale).view(kh, r, g, base)
+    p = torch.cat([head, tail], dim=-1).softmax(-1)
+    out = torch.matmul(p[..., :base].reshape(kh, r * g, base), vp).view(kh, r, g, d)
+    return out + torch.matmul(p[..., base:], vt)
