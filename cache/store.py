@@ -57,6 +57,7 @@ class TieredStore:
         # The store owns the counters: its tiers all report into them.
         self._stats = stats if stats is not None else CacheStats()
         self.stats_path = stats_path  # running totals across processes (persist_stats)
+        self._persisted_at = float("-inf")
         self._byte_tiers: list[ByteTier] = [t for t in (redis, disk) if t is not None]
         for tier in (memory, *self._byte_tiers):
             if tier is not None:
@@ -167,9 +168,15 @@ class TieredStore:
     def tier_names(self) -> list[str]:
         return [tier.name for tier in self._all_tiers()]
 
-    def persist_stats(self) -> dict | None:
-        """Add this store's counts since the last call to the totals at stats_path (if set)."""
-        return self._stats.persist(self.stats_path) if self.stats_path is not None else None
+    def persist_stats(self, min_interval_s: float = 0.0) -> dict | None:
+        """Add this store's counts since the last call to the totals at stats_path (if set),
+        unless the last call was less than min_interval_s ago (a busy server writes the file
+        every few seconds, not per request)."""
+        now = time.monotonic()
+        if self.stats_path is None or now - self._persisted_at < min_interval_s:
+            return None
+        self._persisted_at = now
+        return self._stats.persist(self.stats_path)
 
     def close(self) -> None:
         self._prefetcher.shutdown(wait=True)

@@ -28,21 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
+from eval.samples import SAMPLE_QUESTIONS, SAMPLES
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLES = REPO / "samples"
-# The sample documents' questions (tests/sample_questions.md has their answers).
-SAMPLE_QUESTIONS = (
-    "How tall is the Greywater Point lighthouse?",
-    "When was the Greywater Point station automated?",
-    "Who was the first principal keeper of Greywater Point?",
-    "What is the light characteristic of Skerra Rock Lighthouse?",
-    "What is the highest wind gust ever recorded in the Saltmere Islands?",
-    "Who founded the Saltmere Coastal Weather Service, and in what year?",
-    "How long does the ferry crossing from Kellhaven to Port Ellery take?",
-    "What are the museum's opening hours in the summer season?",
-)
+log = logging.getLogger(__name__)
 
 
 @dataclass

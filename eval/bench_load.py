@@ -29,20 +29,10 @@ from pathlib import Path
 
 import httpx
 
+from eval.samples import SAMPLE_QUESTIONS, SAMPLES
 from rag.config import Settings
 
-REPO = Path(__file__).resolve().parents[1]
 MODES = ("full", "blend")
-QUESTIONS = [  # about samples/; any question works for load, its context size is what counts
-    "How tall is the Greywater Point lighthouse?",
-    "When was the Greywater Point station automated?",
-    "Who was the first principal keeper of Greywater Point?",
-    "What is the light characteristic of Skerra Rock Lighthouse?",
-    "What is the highest wind gust ever recorded in the Saltmere Islands?",
-    "Who founded the Saltmere Coastal Weather Service, and in what year?",
-    "How long does the ferry crossing from Kellhaven to Port Ellery take?",
-    "What are the museum's opening hours in the summer season?",
-]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -188,7 +178,7 @@ def run_load_bench(url: str | None = None, *, settings: Settings | None = None, 
 
     `requests` is per mode. Returns the result dict (see the module doc).
     """
-    questions = questions or QUESTIONS
+    questions = questions or list(SAMPLE_QUESTIONS)  # any question works: the context size counts
     round_size = round_size or 2 * concurrency
     args = (concurrency, requests, k, max_tokens, ratio, questions, api_key, warmup, round_size)
     if url:
@@ -201,7 +191,7 @@ def run_load_bench(url: str | None = None, *, settings: Settings | None = None, 
             base = Settings()  # keep its converted-model cache: only the index and KV are fresh
             settings = base.model_copy(update={"data_dir": Path(tmp) / "data",
                                                "model_cache_dir": base.models_dir.resolve()})
-        served = stack.enter_context(own_server(settings, docs or [REPO / "samples"]))
+        served = stack.enter_context(own_server(settings, docs or [SAMPLES]))
         result = asyncio.run(_bench(served, *args))
     result["server"] = "own"
     return result

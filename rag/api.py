@@ -62,6 +62,8 @@ def create_app(settings: Settings | None = None, rag: RAG | None = None, *, max_
         yield
         worker.shutdown()
         docs.shutdown()
+        if rag.store is not None:
+            rag.store.persist_stats()  # what the last few seconds of answers added
 
     app = FastAPI(title="kvrag", version="0.1.0", lifespan=lifespan,
                   description="RAG serving that reuses precomputed chunk KV caches (CacheBlend).")

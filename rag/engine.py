@@ -9,7 +9,7 @@ preallocated buffer.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -17,8 +17,8 @@ import torch
 from cache.entry import ChunkKV
 from cache.keys import chunk_key
 from rag.blend import blend_prefill
-from rag.decode import DecodeResult, new_drafter
 from rag.decode import decode as decode_loop
+from rag.decode import new_drafter
 from rag.kv_cache import KVCache
 from rag.model_loader import LoadedModel
 from rag.prompt import LAYOUT_VERSION, Prompt, PromptBuilder
@@ -110,37 +110,6 @@ class Engine:
                           gradual=gradual, selection=selection)
         return Prefill(cache, r.logits, reused=r.reused, recomputed=r.recomputed, computed=r.computed)
 
-    # -- decode ----------------------------------------------------------------
-    def decode(
-        self,
-        pre: Prefill,
-        start: int,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: list[str] | None = None,
-        on_text: Callable[[str], bool | None] | None = None,
-        seed: int | None = None,
-        lookahead: bool | None = None,
-        draft_from: Sequence[int] = (),
-    ) -> tuple[list[int], str, str, float]:
-        """Sample up to max_new_tokens; returns (ids, text, finish_reason, ttft_s).
-
-        `on_text(delta)` receives text as it is produced; returning False stops early
-        (a client that went away). `lookahead` (None = on for greedy) drafts from the
-        n-grams of `draft_from` (the prompt's context) and of the answer so far.
-        """
-        r = self._decode(pre, start, max_new_tokens, temperature, top_p, stop, on_text, seed,
-                         lookahead, draft_from)
-        return r.ids, r.text, r.finish, r.ttft_s
-
-    def _decode(self, pre: Prefill, start: int, max_new_tokens: int, temperature: float, top_p: float,
-                stop: list[str] | None, on_text: Callable[[str], bool | None] | None, seed: int | None,
-                lookahead: bool | None, draft_from: Sequence[int]) -> DecodeResult:
-        return decode_loop(self.model, self.tokenizer, pre.cache, pre.logits[-1], start, max_new_tokens,
-                           temperature=temperature, top_p=top_p, stop=stop, on_text=on_text, seed=seed,
-                           drafter=new_drafter(draft_from, temperature, lookahead))
-
     def generate(self, prompt: Prompt, *, mode: str = "full", ratio: float = 0.15,
                  chunk_kvs: Iterable[ChunkKV | None] | None = None, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None,
@@ -151,8 +120,10 @@ class Engine:
         room = max(0, min(max_new_tokens, self.max_context - len(prompt)))
         pre = self.prefill(prompt, mode, ratio, chunk_kvs, extra_slots=room, gradual=gradual, selection=selection)
         t_prefill = time.perf_counter()
-        r = self._decode(pre, len(prompt), max(1, room) if room else 0, temperature, top_p, stop,
-                         on_text, seed, lookahead, prompt.ids()[len(prompt.header):])
+        r = decode_loop(self.model, self.tokenizer, pre.cache, pre.logits[-1], len(prompt),
+                        max(1, room) if room else 0, temperature=temperature, top_p=top_p, stop=stop,
+                        on_text=on_text, seed=seed,
+                        drafter=new_drafter(prompt.ids()[len(prompt.header):], temperature, lookahead))
         finish = r.finish
         if room < max_new_tokens and finish == "length":
             finish = "context"

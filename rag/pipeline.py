@@ -27,6 +27,8 @@ from rag.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
 
+STATS_PERSIST_S = 5.0  # how often answers add the store's traffic to the data dir's totals
+
 
 @dataclass
 class Hit:
@@ -163,5 +165,5 @@ class RAG:
                  "total_tokens": gen.prompt_tokens + len(gen.token_ids)}
         cache_stats.update({k2: v for k2, v in gen.stats.items() if k2 != "completion_tokens"})
         if kvs is not None:
-            self.store.persist_stats()
+            self.store.persist_stats(min_interval_s=STATS_PERSIST_S)
         return Answer(gen.text, hits, mode, gen.finish_reason, timings, usage, cache_stats)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from eval.samples import SAMPLE_QUESTIONS
 from rag.config import SYSTEM_PROMPT
 from rag.decode import decode
 from rag.engine import Engine
@@ -86,8 +87,6 @@ def test_greedy_lookahead_is_token_for_token_identical(engine, paragraphs, conte
 def test_greedy_lookahead_is_token_for_token_identical_in_bf16(engine16, paragraphs):
     """In bf16 a CPU matmul's rows change in the last bit with the batch size: the decode pass keeps
     every batch >= 2 rows and attends per token, so a draft row equals the plain step's exactly."""
-    from eval.bench_decode import SAMPLE_QUESTIONS
-
     # ~2K tokens and 64 new ones, as in `kvrag bench decode`: without the fix, 3 of these 8 differ.
     _assert_lookahead_identical(engine16, paragraphs, 2000, SAMPLE_QUESTIONS, 64)
 

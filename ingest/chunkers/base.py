@@ -29,15 +29,8 @@ class Resources:
         return Embedder(self.settings.embedder, "cpu")
 
     @cached_property
-    def lm(self):
-        from rag.model_loader import load_model
-
-        s = self.settings
-        return load_model(s.model, s.models_dir, s.dtype, s.torch_device)
-
-    @cached_property
     def scorer(self):
-        """The LLM for chunking decisions (a float32 copy on CPU, where bfloat16 matmuls are slow)."""
+        """The LLM for chunking decisions, in the engine's dtype (see ingest.lm_scorer)."""
         from ingest.lm_scorer import LMScorer
 
         return LMScorer.load(self.settings)
