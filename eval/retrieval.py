@@ -91,16 +91,23 @@ def evaluate_chunks(chunks: list[Located], corpora: dict[str, str], questions: l
     return mean_scores(scores)
 
 
-def run_retrieval_eval(corpora_dir: Path | str, questions_csv: Path | str, chunkers: list[str], chunk_size: int,
-                       k: int, out_json: Path | str, settings, progress: bool = True,
+def run_retrieval_eval(corpora_dir: Path | str, questions_csv: Path | str, chunkers: list[str],
+                       chunk_sizes: int | list[int], k: int, out_json: Path | str, settings, progress: bool = True,
                        boundary_pairs: int = 32, chunker_options: dict | None = None) -> list[dict]:
-    """Evaluate each chunker; writes OUT.json (an object for one chunker, else a list, plus OUT.md and OUT.png)."""
+    """Evaluate each chunker at each size; writes OUT.json (an object for one row, else a list,
+    plus OUT.md and OUT.png).
+
+    A Meta-Chunking chunker's LLM signal does not depend on the size, so it is computed at the
+    first size and reused (the scorer's memo) at the others: those rows' `chunking_seconds`
+    time only the merging, and their `tokens_per_s` is left empty.
+    """
     import torch
 
-    from ingest.chunkers import Resources, make_chunker
+    from ingest.chunkers import Resources
 
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
+    sizes = [chunk_sizes] if isinstance(chunk_sizes, int) else list(chunk_sizes)
     corpora = load_corpora(corpora_dir)
     questions = load_questions(questions_csv)
     missing = {x.corpus for q in questions for x in q.excerpts} - set(corpora)
@@ -113,40 +120,53 @@ def run_retrieval_eval(corpora_dir: Path | str, questions_csv: Path | str, chunk
     llm_tokens = sum(len(resources.scorer.tokenizer.encode_text(t)) for t in corpora.values()) if needs_lm else None
     results = []
     for name in chunkers:
-        chunker = make_chunker(name, resources, chunk_size, settings.chunk_overlap,
-                               **(chunker_options or {}).get(name, {}))
-        t0 = time.perf_counter()
-        spans = {}
-        for cid, body in tqdm(corpora.items(), desc=f"chunk {name}", disable=not progress):
-            spans[cid] = chunker.split(body)
-        seconds = time.perf_counter() - t0
-        chunks = [Located(cid, s, e) for cid, ss in spans.items() for s, e in ss]
-        for c in chunks:  # every chunk is an exact span of its corpus
-            assert 0 <= c.start < c.end <= len(corpora[c.corpus]), c
-        t1 = time.perf_counter()
-        scores = evaluate_chunks(chunks, corpora, questions, q_vecs, cache, k, progress=False)
-        n_tokens = [resources.embedder.count_tokens(corpora[c.corpus][c.start:c.end]) for c in chunks]
-        row = {
-            "chunker": name, "chunk_size": chunk_size, "k": k, "n_questions": len(questions),
-            "n_chunks": len(chunks), "mean_chunk_tokens": round(sum(n_tokens) / max(1, len(chunks)), 1),
-            "chunking_seconds": round(seconds, 2), **{m: round(v, 4) for m, v in scores.items()},
-            "tokens_per_s": round(llm_tokens / seconds, 1) if llm_tokens and seconds > 0 else None,
-            "embedding_seconds": round(time.perf_counter() - t1, 2),
-        }
-        if progress:  # one line per chunker, also when the output is a log file
-            tqdm.write(f"{name}: {len(chunks)} chunks in {seconds:.0f} s, recall {row['recall']:.3f}, "
-                       f"IoU {row['iou']:.3f}")
-        if boundary_pairs > 0:
-            t2 = time.perf_counter()
-            pairs = sample_pairs(spans, boundary_pairs)
-            bc = boundary_clarity(corpora, pairs, resources.scorer)
-            row.update(boundary_clarity=None if bc is None else round(bc, 4), boundary_pairs=len(pairs),
-                       boundary_seconds=round(time.perf_counter() - t2, 2))
-        log.info("%s", row)
-        results.append(row)
+        for n_size, size in enumerate(sizes):
+            row, spans = _evaluate_chunker(name, size, corpora, questions, q_vecs, cache, resources, k,
+                                           settings.chunk_overlap, (chunker_options or {}).get(name, {}), progress)
+            reused = n_size > 0 and name.startswith("meta-")
+            row["tokens_per_s"] = (round(llm_tokens / row["chunking_seconds"], 1)
+                                   if llm_tokens and row["chunking_seconds"] > 0 and not reused else None)
+            if boundary_pairs > 0:
+                t2 = time.perf_counter()
+                pairs = sample_pairs(spans, boundary_pairs)
+                bc = boundary_clarity(corpora, pairs, resources.scorer)
+                row.update(boundary_clarity=None if bc is None else round(bc, 4), boundary_pairs=len(pairs),
+                           boundary_seconds=round(time.perf_counter() - t2, 2))
+            log.info("%s", row)
+            results.append(row)
     full_benchmark = set(corpora) == {"chatlogs", "finance", "pubmed", "state_of_the_union", "wikitexts"}
     write_outputs(results, Path(out_json), chroma_refs=full_benchmark)
     return results
+
+
+def _evaluate_chunker(name: str, size: int, corpora: dict[str, str], questions: list[Question], q_vecs: np.ndarray,
+                      cache: EmbeddingCache, resources, k: int, overlap: int, options: dict,
+                      progress: bool) -> tuple[dict, dict[str, list]]:
+    """One chunker at one size: its row of scores and the spans it cut, by corpus."""
+    from ingest.chunkers import make_chunker
+
+    chunker = make_chunker(name, resources, size, overlap, **options)
+    t0 = time.perf_counter()
+    spans = {}
+    for cid, body in tqdm(corpora.items(), desc=f"chunk {name} {size}", disable=not progress):
+        spans[cid] = chunker.split(body)
+    seconds = time.perf_counter() - t0
+    chunks = [Located(cid, s, e) for cid, ss in spans.items() for s, e in ss]
+    for c in chunks:  # every chunk is an exact span of its corpus
+        assert 0 <= c.start < c.end <= len(corpora[c.corpus]), c
+    t1 = time.perf_counter()
+    scores = evaluate_chunks(chunks, corpora, questions, q_vecs, cache, k, progress=False)
+    n_tokens = [resources.embedder.count_tokens(corpora[c.corpus][c.start:c.end]) for c in chunks]
+    row = {
+        "chunker": name, "chunk_size": size, "k": k, "n_questions": len(questions),
+        "n_chunks": len(chunks), "mean_chunk_tokens": round(sum(n_tokens) / max(1, len(chunks)), 1),
+        "chunking_seconds": round(seconds, 2), **{m: round(v, 4) for m, v in scores.items()},
+        "embedding_seconds": round(time.perf_counter() - t1, 2),
+    }
+    if progress:  # one line per run, also when the output is a log file
+        tqdm.write(f"{name} {size}: {len(chunks)} chunks in {seconds:.0f} s, recall {row['recall']:.3f}, "
+                   f"IoU {row['iou']:.3f}")
+    return row, spans
 
 
 COLUMNS = [
@@ -166,10 +186,22 @@ def write_outputs(results: list[dict], out_json: Path, chroma_refs: bool = True)
     if len(results) > 1:
         out_json.with_suffix(".md").write_text(markdown_table(results, COLUMNS))
         k = results[0]["k"]
-        scatter_plot(results, "iou", "recall", "chunker", out_json.with_suffix(".png"),
+        several_sizes = len({r["chunk_size"] for r in results}) > 1
+        scatter_plot(results, "iou", "recall", "chunk_size" if several_sizes else "chunker",
+                     out_json.with_suffix(".png"), series="chunker" if several_sizes else None,
                      title=f"Chroma benchmark, all-MiniLM-L6-v2, k={k}", xlabel="IoU (%)",
                      ylabel=f"recall@{k} (%)",
                      refs=[(n, iou, r) for n, r, iou in CHROMA_REFS] if chroma_refs and k == 5 else [])
+
+
+def _sizes(value: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"chunk sizes must be integers, got {value!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"chunk sizes must be positive, got {value!r}")
+    return sizes
 
 
 def add_eval_retrieval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -179,7 +211,8 @@ def add_eval_retrieval_args(p: argparse.ArgumentParser) -> argparse.ArgumentPars
     p.add_argument("--questions", required=True, type=Path, help="questions_df.csv (question, references, corpus_id)")
     p.add_argument("--chunker", default="all",
                    help=f"one of {', '.join(CHUNKERS)}, a comma-separated list, or all")
-    p.add_argument("--chunk-size", type=int, default=None, help="target chunk size in embedder wordpieces")
+    p.add_argument("--chunk-size", type=_sizes, default=None,
+                   help="target chunk size in embedder wordpieces, or a comma-separated list to sweep")
     p.add_argument("--k", type=int, default=5, help="chunks retrieved per question")
     p.add_argument("--json", dest="out_json", required=True, type=Path, help="output JSON (OUT.md, OUT.png beside it)")
     p.add_argument("--boundary-pairs", type=int, default=32,
@@ -197,7 +230,7 @@ def cmd_eval_retrieval(args: argparse.Namespace, settings=None) -> int:
     for n in names:
         if n not in CHUNKERS:
             raise SystemExit(f"unknown chunker {n!r}; choose from {', '.join(CHUNKERS)} or all")
-    results = run_retrieval_eval(args.corpora, args.questions, names, args.chunk_size or settings.chunk_size,
+    results = run_retrieval_eval(args.corpora, args.questions, names, args.chunk_size or [settings.chunk_size],
                                  args.k, args.out_json, settings, progress=not args.no_progress,
                                  boundary_pairs=args.boundary_pairs)
     print(markdown_table(results, COLUMNS))

@@ -14,9 +14,11 @@ the wrong positions).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
 from bisect import bisect_right
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -60,6 +62,15 @@ def plan_windows(ids: Sequence[int], window: int, context: int) -> list[tuple[in
     return out
 
 
+def _digest(*parts: object) -> bytes:
+    """A content key for token ids (nested sequences allowed)."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        h.update(repr(part).encode())
+        h.update(b"|")
+    return h.digest()
+
+
 def quantize_for_cpu(model: torch.nn.Module) -> torch.nn.Module:
     """int8 dynamic quantization of the linear layers (a copy); the model itself if unavailable."""
     try:
@@ -76,12 +87,32 @@ def quantize_for_cpu(model: torch.nn.Module) -> torch.nn.Module:
 class LMScorer:
     """Loss and answer-probability queries against one causal LM (rag.model.Transformer)."""
 
-    def __init__(self, model, tokenizer, *, window: int = 512, context: int = 64, batch_tokens: int = 1024):
+    def __init__(self, model, tokenizer, *, window: int = 512, context: int = 64, batch_tokens: int = 1024,
+                 memo_values: int = 1 << 22):
         self.model = model
         self.tokenizer = tokenizer  # rag.tokenizer.ChatTokenizer
         self.window = window
         self.context = context
         self.batch_tokens = batch_tokens
+        # Answers by content for the latest texts (up to `memo_values` floats, 16 MB): a chunker's
+        # LLM signal does not depend on the chunk size, so a size sweep asks once per text.
+        self.memo: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.memo_values = memo_values
+        self.memo_hits = 0
+
+    def _recall(self, key: bytes) -> torch.Tensor | None:
+        found = self.memo.get(key)
+        if found is not None:
+            self.memo.move_to_end(key)
+            self.memo_hits += 1
+            return found.clone()
+        return None
+
+    def _remember(self, key: bytes, value: torch.Tensor) -> torch.Tensor:
+        self.memo[key] = value.clone()
+        while sum(v.numel() for v in self.memo.values()) > self.memo_values:
+            self.memo.popitem(last=False)
+        return value
 
     @classmethod
     def load(cls, settings, quantize: bool = False, **kw) -> LMScorer:
@@ -110,6 +141,12 @@ class LMScorer:
         right padding, which a causal model never attends to.
         """
         ids = list(ids)
+        key = _digest("losses", (self.window, self.context, self.batch_tokens), ids)
+        if (found := self._recall(key)) is not None:
+            return found
+        return self._remember(key, self._token_losses(ids))
+
+    def _token_losses(self, ids: list[int]) -> torch.Tensor:
         n = len(ids)
         out = torch.full((n,), float("nan"))
         if n < 2:
@@ -159,6 +196,13 @@ class LMScorer:
         The prefix is prefilled once; each batch of suffixes (right-padded, which a
         causal model never attends to) is written after it in the same buffer.
         """
+        key = _digest("probs", prefix_ids, suffixes, answer_ids)
+        if (found := self._recall(key)) is not None:
+            return found
+        return self._remember(key, self._next_token_probs(prefix_ids, suffixes, answer_ids, batch))
+
+    def _next_token_probs(self, prefix_ids: Sequence[int], suffixes: Sequence[Sequence[int]],
+                          answer_ids: Sequence[int], batch: int) -> torch.Tensor:
         out = torch.zeros((len(suffixes), len(answer_ids)))
         if not suffixes:
             return out

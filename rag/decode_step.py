@@ -124,19 +124,25 @@ class DecodeStep:
 
     @staticmethod
     def _tails(cache: KVCache, base: int, start: int, t: int, rows: int,
-               mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+               mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Each row's keys past `base`, in the order a plain step would see them: the committed
         slots [base, start), then the row's own tree path (ancestors, itself) by depth. Padded
-        to one width per generation (the buffer's free room), the padding masked out."""
+        to one width per generation (the buffer's free room), the padding masked out.
+
+        Returns (slot indices [rows, width], or None where they are the contiguous slots
+        base..max_len, as in a plain step; additive mask [rows, width])."""
         width = cache.max_len - base
+        n = start - base
+        if mask is None:  # causal over contiguous slots: row j sees base..start + j
+            own = torch.arange(rows).clamp_(max=t - 1)
+            hidden = torch.arange(width)[None, :] > (n + own)[:, None]
+            return None, torch.zeros(rows, width).masked_fill_(hidden, float("-inf")).to(cache.k.device)
         idx = torch.full((rows, width), start, dtype=torch.long)
         valid = torch.zeros(rows, width, dtype=torch.bool)
         committed = torch.arange(base, start)
-        n = start - base
         for j in range(rows):
             jj = min(j, t - 1)
-            own = (torch.nonzero(mask[jj, start:start + t]).squeeze(1) if mask is not None
-                   else torch.arange(jj + 1)) + start  # a tree's ancestors come first (depth-first)
+            own = torch.nonzero(mask[jj, start:start + t]).squeeze(1) + start  # ancestors first (depth-first)
             idx[j, :n] = committed
             idx[j, n:n + len(own)] = own
             valid[j, :n + len(own)] = True
@@ -199,10 +205,11 @@ class DecodeStep:
         return (logits[:t] if all_logits else logits[t - 1:t]).float()
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, base: int, tail_idx: torch.Tensor,
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, base: int, tail_idx: torch.Tensor | None,
                tail_mask: torch.Tensor, scale: float) -> torch.Tensor:
     """Float32 attention of q [KH, R, G, D] over the prompt slots [0, base) of k, v [KH, S, D]
-    and each row's own tail of slots `tail_idx` [R, W]; returns [KH, R, G, D].
+    and each row's own tail of slots `tail_idx` [R, W] (None: slots base.. for every row);
+    returns [KH, R, G, D].
 
     Laid out so that a token's result is bitwise the same whether it runs alone, as one row of
     a draft tree, on the tree's first branch or another: the prompt part is one matmul whose rows
@@ -212,7 +219,12 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, base: int, tai
     kernel, by contrast, changes a row's last bits with the row count and the key layout.
     """
     kh, r, g, d = q.shape
-    kt, vt = k[:, tail_idx].float(), v[:, tail_idx].float()  # [KH, R, W, D]
+    if tail_idx is None:  # the same contiguous tail for each row, laid out as a gathered one would be
+        w = tail_mask.shape[1]
+        kt = k[:, None, base:base + w].expand(kh, r, w, d).float().contiguous()
+        vt = v[:, None, base:base + w].expand(kh, r, w, d).float().contiguous()
+    else:
+        kt, vt = k[:, tail_idx].float(), v[:, tail_idx].float()  # [KH, R, W, D]
     tail = torch.matmul(q, kt.transpose(2, 3)) * scale + tail_mask[None, :, None, :]
     if base == 0:
         return torch.matmul(tail.softmax(-1), vt)

@@ -36,8 +36,9 @@ class KVCache:
         device: str | torch.device = "cpu",
     ) -> KVCache:
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
-        return cls(torch.empty(shape, dtype=dtype, device=device),
-                   torch.empty(shape, dtype=dtype, device=device))
+        # Zeros, not empty: decoding reads the free room under a -inf mask, and 0 * NaN is NaN.
+        return cls(torch.zeros(shape, dtype=dtype, device=device),
+                   torch.zeros(shape, dtype=dtype, device=device))
 
     @property
     def max_len(self) -> int:

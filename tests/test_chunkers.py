@@ -125,6 +125,18 @@ def test_windowed_losses_match_a_full_pass(resources):
 
 
 @needs_corpora
+def test_llm_signal_is_asked_once_per_text_across_sizes(resources):
+    """A size sweep re-merges; the LLM is not asked again for a text it has scored (same window)."""
+    text = corpus("state_of_the_union", 0, 3000)
+    small = make_chunker("meta-ppl", resources, 60).split(text)
+    hits = resources.scorer.memo_hits
+    large = make_chunker("meta-ppl", resources, 200).split(text)
+    assert resources.scorer.memo_hits == hits + 1
+    assert len(large) < len(small)
+    assert make_chunker("meta-ppl", resources, 60).split(text) == small  # the memo gives the same answer
+
+
+@needs_corpora
 def test_merge_respects_target_and_hard_max(resources):
     text = corpus("wikitexts", 0, 6000)
     sentences = split_sentences(text)

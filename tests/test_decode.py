@@ -169,3 +169,24 @@ def test_decode_pass_linears_are_batch_invariant(lm32):
         assert torch.equal(lin(x[i:i + 1])[0], rows[i])
     other = torch.randn(16, lin(x[:1]).shape[1])
     assert torch.equal(lin(x[3:4], "add", other[3:4])[0], lin(x, "add", other)[3])
+
+
+def test_plain_step_reads_the_free_room_masked_and_equals_a_gathered_tree_row(lm32):
+    """A plain step attends over the buffer's whole free room under a -inf mask (no gather);
+    its logits equal those of the same token run through the gathered (tree) path, and stay
+    finite because new buffers are zeros (0 * NaN would be NaN)."""
+    from rag.decode_step import DecodeStep
+
+    model = lm32.model
+    step = DecodeStep(model)
+    ids = torch.randint(100, 20000, (120,))
+    cache = model.new_cache(140)
+    assert not cache.k.any() and not cache.v.any()
+    step(ids, cache, 0, base=0)
+    snapshot = (cache.k.clone(), cache.v.clone())
+    plain = step(torch.tensor([7]), cache, 120, base=120)
+    cache.k.copy_(snapshot[0])
+    cache.v.copy_(snapshot[1])
+    one_node = torch.ones(1, 121, dtype=torch.bool)  # a one-node "tree": sees every slot up to itself
+    tree = step(torch.tensor([7]), cache, 120, base=120, positions=torch.tensor([120]), mask=one_node)
+    assert torch.isfinite(plain).all() and torch.equal(plain, tree)

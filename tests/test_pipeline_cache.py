@@ -93,7 +93,10 @@ def test_corrupt_value_is_recomputed_and_overwritten(rag_with_redis, server):
     ask(rag_with_redis)
     rag_with_redis.store.flush()
     client = redis.Redis.from_url(server.url)
-    key = sorted(client.keys("kvrag:kv:*"))[0]
+    engine = rag_with_redis.engine
+    hits = rag_with_redis.retrieve(QUESTION, 2)  # what ask() reads (other tests store other chunks)
+    chunk = engine.prompts.build([h.chunk.text for h in hits], QUESTION).chunks[0]
+    key = f"kvrag:kv:{engine.chunk_key(chunk)}".encode()
     good = client.get(key)
     client.set(key, good[:-100])  # truncated
     again = ask(rag_with_redis)
