@@ -98,8 +98,8 @@ def run_retrieval_eval(corpora_dir: Path | str, questions_csv: Path | str, chunk
     plus OUT.md and OUT.png).
 
     A Meta-Chunking chunker's LLM signal does not depend on the size, so it is computed at the
-    first size and reused (the scorer's memo) at the others: those rows' `chunking_seconds`
-    time only the merging, and their `tokens_per_s` is left empty.
+    first size and reused (the scorer's memo) at the others: rows whose LLM answers came from
+    the memo time only the merging in `chunking_seconds` and leave `tokens_per_s` empty.
     """
     import torch
 
@@ -120,10 +120,11 @@ def run_retrieval_eval(corpora_dir: Path | str, questions_csv: Path | str, chunk
     llm_tokens = sum(len(resources.scorer.tokenizer.encode_text(t)) for t in corpora.values()) if needs_lm else None
     results = []
     for name in chunkers:
-        for n_size, size in enumerate(sizes):
+        for size in sizes:
+            asked_before = resources.scorer.memo_hits if needs_lm else 0
             row, spans = _evaluate_chunker(name, size, corpora, questions, q_vecs, cache, resources, k,
                                            settings.chunk_overlap, (chunker_options or {}).get(name, {}), progress)
-            reused = n_size > 0 and name.startswith("meta-")
+            reused = needs_lm and resources.scorer.memo_hits > asked_before  # the LLM answered from memory
             row["tokens_per_s"] = (round(llm_tokens / row["chunking_seconds"], 1)
                                    if llm_tokens and row["chunking_seconds"] > 0 and not reused else None)
             if boundary_pairs > 0:

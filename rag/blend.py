@@ -85,8 +85,8 @@ def rerotate(k: torch.Tensor, delta: int, inv_freq: torch.Tensor, out: torch.Ten
 
 def stitch(cache: KVCache, prompt: Prompt, chunk_kvs: Iterable[ChunkKV | None],
            inv_freq: torch.Tensor) -> list[ChunkKV | None]:
-    """Place each cached chunk's K/V at its position in this prompt; zero an uncached chunk's
-    slots, so nothing reads uninitialized memory (NaN) before they are computed.
+    """Place each cached chunk's K/V at its position in this prompt (an uncached chunk's slots
+    keep the buffer's zeros until the blend computes them).
 
     `chunk_kvs` may be a stream (a generator over a store's in-flight loads): each chunk is
     placed as soon as it arrives, while the later ones are still loading. Returns them all.
@@ -95,10 +95,7 @@ def stitch(cache: KVCache, prompt: Prompt, chunk_kvs: Iterable[ChunkKV | None],
     placed = []
     for start, kv, chunk in zip(prompt.chunk_starts, chunk_kvs, prompt.chunks, strict=True):
         placed.append(kv)
-        if kv is None:
-            cache.k[:, :, :, start:start + len(chunk)] = 0
-            cache.v[:, :, :, start:start + len(chunk)] = 0
-        else:
+        if kv is not None:
             kv, end = kv.to(cache.k.device), start + len(chunk)
             rerotate(kv.k, start - kv.base_position, inv_freq, out=cache.k[:, 0, :, start:end])
             cache.v[:, 0, :, start:end] = kv.v

@@ -36,7 +36,8 @@ class KVCache:
         device: str | torch.device = "cpu",
     ) -> KVCache:
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
-        # Zeros, not empty: decoding reads the free room under a -inf mask, and 0 * NaN is NaN.
+        # Zeros, not empty: slots not yet written are read under a -inf mask (the decode step's
+        # free room, the blend's uncached chunks in the question pass), and 0 * NaN is NaN.
         return cls(torch.zeros(shape, dtype=dtype, device=device),
                    torch.zeros(shape, dtype=dtype, device=device))
 
