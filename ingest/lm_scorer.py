@@ -3,9 +3,9 @@
 Chunking only reads losses and probabilities, never generates. The scorer runs
 in the engine's dtype (`auto`: bf16 where the hardware does bf16 natively, as
 AVX512-BF16 CPUs do, ~2x faster than fp32 there; fp32 on AVX2-only CPUs, where
-bf16 matmuls are ~50x slower). int8 dynamic quantization is ~1.5x faster than
-fp32 but off by default: its per-tensor activation scales make SmolLM2's losses
-depend on the batch and raise the mean loss from 2.9 to 4.2 nats.
+bf16 matmuls are ~50x slower). int8 dynamic quantization was tried and dropped:
+~1.5x faster than fp32, but its per-tensor activation scales made SmolLM2's
+losses depend on the batch and raised the mean loss from 2.9 to 4.2 nats.
 
 Long texts are scored with a sliding window that is recomputed from scratch for
 every window (a rotated KV cache is never trimmed, which would leave keys at
@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import warnings
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +69,6 @@ def _digest(*parts: object) -> bytes:
     return h.digest()
 
 
-def quantize_for_cpu(model: torch.nn.Module) -> torch.nn.Module:
-    """int8 dynamic quantization of the linear layers (a copy); the model itself if unavailable."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from torch.ao.quantization import quantize_dynamic
-
-            return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    except Exception as e:  # torch without the quantized engine: stay in float32
-        log.warning("int8 quantization unavailable (%s); scoring in float32", e)
-        return model
-
-
 class LMScorer:
     """Loss and answer-probability queries against one causal LM (rag.model.Transformer)."""
 
@@ -115,19 +100,14 @@ class LMScorer:
         return value
 
     @classmethod
-    def load(cls, settings, quantize: bool = False, **kw) -> LMScorer:
+    def load(cls, settings, **kw) -> LMScorer:
         """A scoring copy of the configured model, in the configured dtype (auto: see above)."""
         from rag.model_loader import load_transformer, resolve_model_dir
         from rag.tokenizer import ChatTokenizer
 
         path = resolve_model_dir(settings.model, settings.models_dir)
-        device = settings.torch_device
-        on_cpu = str(device).startswith("cpu")
         dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[settings.torch_dtype]
-        model = load_transformer(path, dtype, device)
-        if on_cpu and quantize and dtype == torch.float32:
-            model = quantize_for_cpu(model)
-        return cls(model, ChatTokenizer(path), **kw)
+        return cls(load_transformer(path, dtype, settings.torch_device), ChatTokenizer(path), **kw)
 
     @property
     def device(self) -> torch.device:
@@ -167,10 +147,10 @@ class LMScorer:
             for r, w in enumerate(rows):
                 batch[r, :len(w)] = torch.as_tensor(w)
             cache = self.model.new_cache(width, batch=len(rows))
-            logits = self.model(batch.to(self.device), cache, start=0, logits_for=slice(None))
-            target = batch[:, 1:].to(logits.device)
-            losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(),
-                                     reduction="none").view(len(rows), -1).float().cpu()
+            hidden = self.model(batch.to(self.device), cache, start=0, logits_for=None)
+            target = batch[:, 1:].to(hidden.device)
+            losses = self.model.token_losses(hidden[:, :-1].flatten(0, 1), target.flatten())
+            losses = losses.view(len(rows), -1).cpu()
             for r, w in enumerate(rows):
                 for s, e, keep in todo[w]:
                     # losses[r, j] is the loss of token s + j + 1.
@@ -236,5 +216,5 @@ class LMScorer:
         full = torch.as_tensor([list(context_ids) + list(ids)], device=self.device)
         cache = self.model.new_cache(full.shape[1])
         c = len(context_ids)
-        logits = self.model(full, cache, start=0, logits_for=slice(c - 1, full.shape[1] - 1))
-        return float(F.cross_entropy(logits[0].float(), full[0, c:], reduction="mean"))
+        hidden = self.model(full, cache, start=0, logits_for=None)
+        return float(self.model.token_losses(hidden[0, c - 1:-1], full[0, c:]).mean())

@@ -41,7 +41,7 @@ import torch
 
 from cache.entry import ChunkKV
 from rag.kv_cache import KVCache
-from rag.model import Transformer, causal_attention, rope_cos_sin
+from rag.model import Transformer, causal_attention, causal_groups, rope_cos_sin
 from rag.prompt import Prompt
 
 # Measured defaults (eval/RESULTS_ttft.md). Layers run on all tokens before selecting: each
@@ -122,22 +122,24 @@ def question_attention(model: Transformer, cache: KVCache, prompt: Prompt,
     t, rep = len(slots), a.n_heads // a.n_kv_heads
     cos, sin = model.rope(slots)
     x = model.embed(torch.tensor([prompt.footer], device=model.device))
-    seen = torch.cat([visible, torch.ones(t, dtype=torch.bool, device=model.device)])
-    allowed = (torch.arange(end, device=model.device)[None, :] <= slots[:, None]) & seen
-    mask = torch.zeros(allowed.shape, dtype=x.dtype, device=model.device).masked_fill_(~allowed, float("-inf"))
-    mask = mask.repeat(rep, 1).expand(a.n_kv_heads, -1, -1)
+    unseen = (~visible).nonzero().squeeze(1)  # context slots without K/V (uncached chunks)
+    later = torch.ones(t, t, dtype=torch.bool, device=model.device).triu(1)  # causal among the question
     mass = []
     for i, layer in enumerate(model.layers):
         q, k, v = layer.qkv(x, cos, sin)
         cache.write(i, slots, k, v)
         # Explicit attention, as SDPA does not return the weights. Query heads that share a KV
-        # head become rows of one matrix: [KH, rep * T, D], so K is never copied per head.
-        qg = q.reshape(a.n_kv_heads, rep * t, a.head_dim)
-        p = torch.baddbmm(mask, qg, cache.k[i, 0, :, :end].transpose(-1, -2), alpha=a.head_dim ** -0.5)
-        p = p.float().softmax(-1)
-        mass.append(p.mean((0, 1)))
+        # head become rows of one matrix: [KH, rep * T, D], so K is never copied per head. In
+        # the model's dtype: softmax computes in float32 inside, and a ranking needs no more.
+        qg = q.reshape(a.n_kv_heads, rep * t, a.head_dim) * a.head_dim ** -0.5
+        s = torch.bmm(qg, cache.k[i, 0, :, :end].transpose(-1, -2))
+        s[..., start:].view(a.n_kv_heads, rep, t, t).masked_fill_(later, float("-inf"))
+        if len(unseen):
+            s[..., unseen] = float("-inf")
+        p = s.softmax(-1)
+        mass.append(p.sum(1).float().sum(0) / (a.n_heads * t))
         if i + 1 < len(model.layers):  # the last layer's output is not needed
-            out = p.to(v.dtype) @ cache.v[i, 0, :, :end]
+            out = p @ cache.v[i, 0, :, :end]
             x = layer.finish(x, out.view(1, a.n_heads, t, a.head_dim))
     return torch.stack(mass)
 
@@ -218,25 +220,32 @@ def blend_prefill(
     n_footer = len(prompt.footer)
     layer_tokens, layer_ms = [], []
 
+    def place(active: torch.Tensor):
+        """What every layer needs about the computed tokens; rebuilt only when they change."""
+        positions = active + h
+        return positions, cos_all[active], sin_all[active], causal_groups(positions, None, model.dtype)
+
+    positions, cos, sin, groups = place(active)
     for i, layer in enumerate(model.layers):
         t0 = time.perf_counter()
         if i in checks and not by_deviation:
             keep = _top(after[max(i, 1), active], forced[active], checks[i])
             active, x = active[keep], x[:, keep]
-        positions = active + h
-        q, k, v = layer.qkv(x, cos_all[active], sin_all[active])
+            positions, cos, sin, groups = place(active)
+        q, k, v = layer.qkv(x, cos, sin)
         if i in checks and by_deviation:
             # How far each token's fresh K/V moved from the cached ones, in this layer.
             old_k, old_v = cache.k[i, 0][:, positions], cache.v[i, 0][:, positions]
             score = ((k[0] - old_k).norm(dim=-1) + (v[0] - old_v).norm(dim=-1)).sum(0)
-            cache.write(i, positions, k, v)  # computed anyway: fresh for every token here
+        cache.write(i, positions, k, v)  # fresh K/V over the stale ones (at a deviation check: all)
+        if i in checks and by_deviation:
             keep = _top(score.masked_fill(exact[active], -1.0), forced[active], checks[i])
-            active, x, positions, q = active[keep], x[:, keep], positions[keep], q[:, :, keep]
-        else:
-            cache.write(i, positions, k, v)  # fresh K/V over the stale ones
+            active, x, q = active[keep], x[:, keep], q[:, :, keep]
+            positions, cos, sin, groups = place(active)
         if i == len(model.layers) - 1:  # past the last K/V, only the question's outputs matter
-            q, x, positions = q[:, :, -n_footer:], x[:, -n_footer:], positions[-n_footer:]
-        x = layer.finish(x, causal_attention(q, cache.k[i], cache.v[i], positions, None))
+            q, x = q[:, :, -n_footer:], x[:, -n_footer:]
+            groups = causal_groups(positions[-n_footer:], None, model.dtype)
+        x = layer.finish(x, causal_attention(q, cache.k[i], cache.v[i], groups))
         layer_tokens.append(len(active))
         layer_ms.append(1000 * (time.perf_counter() - t0))
 

@@ -8,9 +8,11 @@ weights read once per step plus per-op dispatch. This pass, separate from
 - rotate-half is one flip and one fused multiply-add for q and k together;
 - grouped-query attention folds each query group into the query rows, so K/V
   are never repeated (no copy of the whole cache per layer and step);
-- on CPU, the linear layers run on oneDNN weights packed once (float32, and bf16
-  where the CPU has it natively), with bias-free SiLU / multiply / residual-add
-  fused into the matmul: a pass of 8 rows costs ~1.8x one row instead of ~3x.
+- on CPU, the linear layers run on the model's packed oneDNN weights (rag.linear),
+  with bias-free SiLU / multiply / residual-add fused into the matmul: a pass of
+  8 rows costs ~1.8x one row instead of ~3x;
+- the prompt's K/V, which no step changes, are converted to float32 once per
+  generation (`PromptKV`), not once per step and layer.
 
 Lookahead is lossless only if a token's logits are bitwise the same in a draft
 tree and in the plain one-token loop. In bf16 they were not (ties in bf16 logits
@@ -32,9 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from rag.kv_cache import KVCache
+from rag.linear import Linear
 from rag.model import Transformer, rope_cos_sin
 
-PACK_HINT = 8  # batch-size hint for the packed layout (invariant across 1..64 rows, measured)
 MIN_ROWS = 2
 
 _steppers: weakref.WeakKeyDictionary[Transformer, DecodeStep] = weakref.WeakKeyDictionary()
@@ -48,67 +50,29 @@ def stepper_for(model: Transformer) -> DecodeStep:
     return step
 
 
-def _can_pack(model: Transformer) -> bool:
-    if model.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        return False
-    # bf16 packs too where oneDNN runs it natively (AVX512-BF16/AMX): ~1.8x faster than F.linear
-    # for decode-sized batches on such a CPU (the 49152-row lm_head: 3.3 ms vs 6.7 ms).
-    return model.dtype == torch.float32 or (
-        model.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-class _Linear:
-    """y = x @ W.T with an optional fused epilogue: SiLU ("swish"), or `other` * y / `other` + y."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: bool):
-        self.bias = bias
-        self.packed = packed
-        self.w = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_HINT) if packed else weight.detach()
-
-    def __call__(self, x: torch.Tensor, post: str = "none", other: torch.Tensor | None = None) -> torch.Tensor:
-        """post: "none", "swish" (SiLU), or with `other`: "mul" / "add"."""
-        if self.packed:
-            if other is not None:
-                return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.w, self.bias, post)
-            return torch.ops.mkldnn._linear_pointwise(x, self.w, self.bias, post, [None], "")
-        y = F.linear(x, self.w, self.bias)
-        if post == "swish":
-            return F.silu(y)
-        if post == "mul":
-            return y * other
-        if post == "add":
-            return y + other
-        return y
-
-
 class DecodeStep:
     def __init__(self, model: Transformer):
         a = model.args
         self.model = model
         self.args = a
-        packed = _can_pack(model)
-        self.packed = packed
         self.q_dim = a.n_heads * a.head_dim
         self.kv_dim = a.n_kv_heads * a.head_dim
         self.group = a.n_heads // a.n_kv_heads
         self.layers = []
         for layer in model.layers:
-            wqkv = layer.wqkv.weight.detach()
-            bias = layer.wqkv.bias.detach() if layer.wqkv.bias is not None else None
+            # Gate and up as two layers, so that SiLU and the product fuse into their matmuls.
             gate, up = layer.w_gate_up.weight.detach().chunk(2, dim=0)
             self.layers.append((
                 layer.attn_norm.weight.detach(),
-                _Linear(wqkv, bias, packed),
-                _Linear(layer.wo.weight, None, packed),
+                layer.wqkv.run,
+                layer.wo.run,
                 layer.mlp_norm.weight.detach(),
-                _Linear(gate.contiguous(), None, packed),
-                _Linear(up.contiguous(), None, packed),
-                _Linear(layer.w_down.weight, None, packed),
+                Linear.of(gate.contiguous()).run,
+                Linear.of(up.contiguous()).run,
+                layer.w_down.run,
             ))
         self.norm_w = model.norm.weight.detach()
-        self.lm_head = _Linear(model.lm_head.weight, None, packed)
+        self.lm_head = model.lm_head.run
         self.embed_w = model.embed.weight.detach()
         self._cos = self._sin = torch.empty(0)
 
@@ -149,16 +113,25 @@ class DecodeStep:
         add = torch.zeros(rows, width).masked_fill_(~valid, float("-inf"))
         return idx.to(cache.k.device), add.to(cache.k.device)
 
+    @staticmethod
+    @torch.inference_mode()
+    def prompt_kv(cache: KVCache, base: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt's K/V (slots [0, base)) of every layer in float32, for one generation's steps
+        (none of which changes them): [n_layers, KH, base, D] each."""
+        return cache.k[:, 0, :, :base].float(), cache.v[:, 0, :, :base].float()
+
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, cache: KVCache, start: int, *,
                  positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                 all_logits: bool = False, base: int | None = None) -> torch.Tensor:
+                 all_logits: bool = False, base: int | None = None,
+                 prompt: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Tokens `ids` [T] into slots start..start+T; logits float32 [T or 1, V].
 
         Positions default to the slots (a plain step); a draft tree passes its own
         (committed length + depth) and `mask` [T, start+T] (True = may attend).
         Without a mask each token sees every slot up to its own (causal). `base` is where
-        this generation's prompt ends (default: `start`): see `_attention`.
+        this generation's prompt ends (default: `start`): see `_attention`. `prompt` is
+        `prompt_kv(cache, base)`, made once per generation (else converted per step).
         """
         base = start if base is None else base
         a = self.args
@@ -196,7 +169,11 @@ class DecodeStep:
             vs[i, 0, :, start:end] = v[:t].transpose(0, 1)
             # q [KH, rows, G, D]: a KV head's query group as rows, so K/V are never repeated.
             q = qk[:, :a.n_heads].view(rows, kh, g, hd).transpose(0, 1).float()
-            attn = _attention(q, ks[i, 0], vs[i, 0], base, tail_idx, tail_mask, scale)
+            if prompt is None:
+                kp, vp = ks[i, 0, :, :base].float(), vs[i, 0, :, :base].float()
+            else:
+                kp, vp = prompt[0][i], prompt[1][i]
+            attn = _attention(q, kp, vp, ks[i, 0], vs[i, 0], base, tail_idx, tail_mask, scale)
             x = wo(attn.transpose(0, 1).reshape(rows, self.q_dim).to(x.dtype), "add", x)
             h = F.rms_norm(x, (a.dim,), n2, eps)
             x = w_down(w_up(h, "mul", w_gate(h, "swish")), "add", x)
@@ -205,11 +182,11 @@ class DecodeStep:
         return (logits[:t] if all_logits else logits[t - 1:t]).float()
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, base: int, tail_idx: torch.Tensor | None,
-               tail_mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Float32 attention of q [KH, R, G, D] over the prompt slots [0, base) of k, v [KH, S, D]
-    and each row's own tail of slots `tail_idx` [R, W] (None: slots base.. for every row);
-    returns [KH, R, G, D].
+def _attention(q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, base: int,
+               tail_idx: torch.Tensor | None, tail_mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Float32 attention of q [KH, R, G, D] over the prompt's float32 K/V `kp`, `vp` [KH, base, D]
+    and each row's own tail of slots `tail_idx` [R, W] of k, v [KH, S, D] (None: slots base..
+    for every row); returns [KH, R, G, D].
 
     Laid out so that a token's result is bitwise the same whether it runs alone, as one row of
     a draft tree, on the tree's first branch or another: the prompt part is one matmul whose rows
@@ -228,7 +205,6 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, base: int, tai
     tail = torch.matmul(q, kt.transpose(2, 3)) * scale + tail_mask[None, :, None, :]
     if base == 0:
         return torch.matmul(tail.softmax(-1), vt)
-    kp, vp = k[:, :base].float(), v[:, :base].float()
     head = (torch.matmul(q.reshape(kh, r * g, d), kp.transpose(1, 2)) * scale).view(kh, r, g, base)
     p = torch.cat([head, tail], dim=-1).softmax(-1)
     out = torch.matmul(p[..., :base].reshape(kh, r * g, base), vp).view(kh, r, g, d)

@@ -140,7 +140,9 @@ def load_transformer(path: Path, dtype: torch.dtype = torch.bfloat16, device: st
     if args.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     model.inv_freq = args.inv_freq.clone()
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    model.pack()
+    return model
 
 
 def load_model(model: str, models_dir: Path, dtype: str = "bfloat16", device: str = "cpu") -> LoadedModel:

@@ -17,7 +17,7 @@ from rag import blend
 from rag.blend import blend_prefill, keep_counts, rerotate
 from rag.config import SYSTEM_PROMPT
 from rag.engine import Engine
-from rag.model import causal_attention
+from rag.model import causal_attention, causal_groups
 
 TEXT = (  # three short paragraphs adapted from samples/saltmere_history.md, one chunk each
     "The Saltmere Lights Act received assent on 14 March 1871 and created the Saltmere Lights Board, "
@@ -166,10 +166,10 @@ def _reference_attention(q, k, v, allowed):
 def test_scattered_queries_are_causal_by_position():
     torch.manual_seed(0)
     s_len = 700
-    slots = torch.tensor(sorted(torch.randperm(s_len)[:300].tolist()))  # > one group of 256
+    slots = torch.tensor(sorted(torch.randperm(s_len)[:300].tolist()))  # more than two groups of ATTN_GROUP
     q = torch.randn(1, 9, len(slots), 64)
     k, v = torch.randn(1, 3, s_len, 64), torch.randn(1, 3, s_len, 64)
-    got = causal_attention(q, k, v, slots, None)
+    got = causal_attention(q, k, v, causal_groups(slots, None, q.dtype))
     keys = torch.arange(s_len)
     by_position = keys[None, :] <= slots[:, None]
     torch.testing.assert_close(got, _reference_attention(q, k, v, by_position), rtol=1e-4, atol=1e-5)
