@@ -140,7 +140,7 @@ def load_transformer(path: Path, dtype: torch.dtype = torch.bfloat16, device: st
     if args.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     model.inv_freq = args.inv_freq.clone()
-    model = model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     model.pack()
     return model
 
