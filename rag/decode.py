@@ -102,7 +102,6 @@ def decode(
     t0 = time.perf_counter()
     tok = sample(logits, temperature, top_p, gen)
     res.ttft_s = time.perf_counter() - t0
-    prompt = step.prompt_kv(cache, start)
     pending: list[int] = []  # tokens chosen but not yet emitted (accepted drafts)
     pos = start
     ids = torch.empty(1, dtype=torch.long, device=model.device)
@@ -123,13 +122,13 @@ def decode(
         res.steps += 1
         if tree is None or len(tree) == 1:
             ids[0] = tok
-            tok = sample(step(ids, cache, pos, base=start, prompt=prompt)[0], temperature, top_p, gen)
+            tok = sample(step(ids, cache, pos, base=start)[0], temperature, top_p, gen)
             pos += 1
             continue
         tree_ids = torch.tensor(tree.tokens, device=model.device)
         positions = torch.tensor(tree.depths, device=model.device) + pos
         rows = step(tree_ids, cache, pos, positions=positions, mask=tree.mask(pos).to(model.device), base=start,
-                    prompt=prompt, all_logits=True)
+                    all_logits=True)
         if temperature <= 0:
             greedy = rows.argmax(-1).tolist()
             path, new = tree.walk(greedy.__getitem__)

@@ -10,9 +10,7 @@ weights read once per step plus per-op dispatch. This pass, separate from
   are never repeated (no copy of the whole cache per layer and step);
 - on CPU, the linear layers run on the model's packed oneDNN weights (rag.linear),
   with bias-free SiLU / multiply / residual-add fused into the matmul: a pass of
-  8 rows costs ~1.8x one row instead of ~3x;
-- the prompt's K/V, which no step changes, are converted to float32 once per
-  generation (`PromptKV`), not once per step and layer.
+  8 rows costs ~1.8x one row instead of ~3x.
 
 Lookahead is lossless only if a token's logits are bitwise the same in a draft
 tree and in the plain one-token loop. In bf16 they were not (ties in bf16 logits
@@ -67,8 +65,8 @@ class DecodeStep:
                 layer.wqkv.run,
                 layer.wo.run,
                 layer.mlp_norm.weight.detach(),
-                Linear.of(gate.contiguous()).run,
-                Linear.of(up.contiguous()).run,
+                Linear.of(gate).run,
+                Linear.of(up).run,
                 layer.w_down.run,
             ))
         self.norm_w = model.norm.weight.detach()
@@ -113,25 +111,16 @@ class DecodeStep:
         add = torch.zeros(rows, width).masked_fill_(~valid, float("-inf"))
         return idx.to(cache.k.device), add.to(cache.k.device)
 
-    @staticmethod
-    @torch.inference_mode()
-    def prompt_kv(cache: KVCache, base: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prompt's K/V (slots [0, base)) of every layer in float32, for one generation's steps
-        (none of which changes them): [n_layers, KH, base, D] each."""
-        return cache.k[:, 0, :, :base].float(), cache.v[:, 0, :, :base].float()
-
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, cache: KVCache, start: int, *,
                  positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                 all_logits: bool = False, base: int | None = None,
-                 prompt: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 all_logits: bool = False, base: int | None = None) -> torch.Tensor:
         """Tokens `ids` [T] into slots start..start+T; logits float32 [T or 1, V].
 
         Positions default to the slots (a plain step); a draft tree passes its own
         (committed length + depth) and `mask` [T, start+T] (True = may attend).
         Without a mask each token sees every slot up to its own (causal). `base` is where
-        this generation's prompt ends (default: `start`): see `_attention`. `prompt` is
-        `prompt_kv(cache, base)`, made once per generation (else converted per step).
+        this generation's prompt ends (default: `start`): see `_attention`.
         """
         base = start if base is None else base
         a = self.args
@@ -169,11 +158,7 @@ class DecodeStep:
             vs[i, 0, :, start:end] = v[:t].transpose(0, 1)
             # q [KH, rows, G, D]: a KV head's query group as rows, so K/V are never repeated.
             q = qk[:, :a.n_heads].view(rows, kh, g, hd).transpose(0, 1).float()
-            if prompt is None:
-                kp, vp = ks[i, 0, :, :base].float(), vs[i, 0, :, :base].float()
-            else:
-                kp, vp = prompt[0][i], prompt[1][i]
-            attn = _attention(q, kp, vp, ks[i, 0], vs[i, 0], base, tail_idx, tail_mask, scale)
+            attn = _attention(q, ks[i, 0], vs[i, 0], base, tail_idx, tail_mask, scale)
             x = wo(attn.transpose(0, 1).reshape(rows, self.q_dim).to(x.dtype), "add", x)
             h = F.rms_norm(x, (a.dim,), n2, eps)
             x = w_down(w_up(h, "mul", w_gate(h, "swish")), "add", x)
@@ -182,11 +167,11 @@ class DecodeStep:
         return (logits[:t] if all_logits else logits[t - 1:t]).float()
 
 
-def _attention(q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, base: int,
-               tail_idx: torch.Tensor | None, tail_mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Float32 attention of q [KH, R, G, D] over the prompt's float32 K/V `kp`, `vp` [KH, base, D]
-    and each row's own tail of slots `tail_idx` [R, W] of k, v [KH, S, D] (None: slots base..
-    for every row); returns [KH, R, G, D].
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, base: int, tail_idx: torch.Tensor | None,
+               tail_mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Float32 attention of q [KH, R, G, D] over the prompt slots [0, base) of k, v [KH, S, D]
+    and each row's own tail of slots `tail_idx` [R, W] (None: slots base.. for every row);
+    returns [KH, R, G, D].
 
     Laid out so that a token's result is bitwise the same whether it runs alone, as one row of
     a draft tree, on the tree's first branch or another: the prompt part is one matmul whose rows
@@ -205,6 +190,7 @@ def _attention(q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, k: torch.Ten
     tail = torch.matmul(q, kt.transpose(2, 3)) * scale + tail_mask[None, :, None, :]
     if base == 0:
         return torch.matmul(tail.softmax(-1), vt)
+    kp, vp = k[:, :base].float(), v[:, :base].float()
     head = (torch.matmul(q.reshape(kh, r * g, d), kp.transpose(1, 2)) * scale).view(kh, r, g, base)
     p = torch.cat([head, tail], dim=-1).softmax(-1)
     out = torch.matmul(p[..., :base].reshape(kh, r * g, base), vp).view(kh, r, g, d)

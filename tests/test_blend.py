@@ -149,6 +149,35 @@ def test_uncached_chunk_is_computed_in_full(engine, case):
     torch.testing.assert_close(r.logits, full.logits, rtol=1e-4, atol=2e-3)
 
 
+def test_question_pass_attends_like_the_model(engine, case):
+    """The question pass's explicit attention (it needs the weights, which SDPA does not give)
+    must propagate the question as the model's own forward does: the same K/V in every layer
+    over the same stitched cache. Its attention mass is a distribution over the visible slots:
+    none on an uncached chunk, none on later question tokens."""
+    prompt, kvs, _ = case
+    model, h = engine.model, len(prompt.header)
+    mixed = [kvs[0], None, kvs[2]]
+    ours, ref = engine.new_cache(len(prompt)), engine.new_cache(len(prompt))
+    for cache in (ours, ref):
+        blend.stitch(cache, prompt, mixed, model.inv_freq)
+    visible = torch.ones(prompt.context_end, dtype=torch.bool)
+    uncached = slice(prompt.chunk_starts[1], prompt.chunk_starts[1] + len(prompt.chunks[1]))
+    visible[uncached] = False
+    with torch.inference_mode():
+        mass = blend.question_attention(model, ours, prompt, visible)
+        # The same question over the same cache, with the uncached chunk's slots skipped.
+        seen = torch.cat([visible, torch.ones(len(prompt.footer), dtype=torch.bool)])
+        allowed = (torch.arange(len(prompt))[None, :] <= torch.arange(prompt.context_end, len(prompt))[:, None]) & seen
+        model(torch.tensor([prompt.footer]), ref, positions=torch.arange(prompt.context_end, len(prompt)),
+              mask=allowed)
+    footer = slice(prompt.context_end, len(prompt))
+    torch.testing.assert_close(ours.k[:, :, :, footer], ref.k[:, :, :, footer], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.v[:, :, :, footer], ref.v[:, :, :, footer], rtol=1e-4, atol=1e-4)
+    assert mass.shape == (model.args.n_layers, len(prompt))
+    torch.testing.assert_close(mass.sum(1), torch.ones(model.args.n_layers), rtol=0, atol=1e-4)
+    assert (mass[:, uncached] == 0).all() and (mass[:, h:prompt.context_end] > 0).any()
+
+
 def test_keep_counts_shrink_to_target():
     assert keep_counts(0.15, 1000, 1) == [150]
     assert keep_counts(0.15, 1000, 3) == [450, 300, 150]
