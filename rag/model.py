@@ -209,9 +209,9 @@ class Transformer(nn.Module):
     def token_losses(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy (float32 [N]) of `targets` [N] under the last hidden states `h` [N, dim].
 
-        In the model's dtype: a bf16 log-softmax over the 49k vocabulary costs ~0.6x a float32
-        one (no [N, vocab] float32 copy), and errs by ~0.02 nats per token on average (at most
-        ~0.08), about what the bf16 logits themselves carry.
+        In the model's dtype: with no [N, vocab] float32 copy, a bf16 log-softmax over the 49k
+        vocabulary took a third of the time on one corpus (1.9 s vs 5.6 s), and errs by ~0.02
+        nats per token on average (at most ~0.08), about what the bf16 logits themselves carry.
         """
         return F.cross_entropy(self.lm_head(self.norm(h)), targets, reduction="none").float()
 

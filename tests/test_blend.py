@@ -152,8 +152,8 @@ def test_uncached_chunk_is_computed_in_full(engine, case):
 def test_question_pass_attends_like_the_model(engine, case):
     """The question pass's explicit attention (it needs the weights, which SDPA does not give)
     must propagate the question as the model's own forward does: the same K/V in every layer
-    over the same stitched cache. Its attention mass is a distribution over the visible slots:
-    none on an uncached chunk, none on later question tokens."""
+    over the same stitched cache. Its attention mass is a distribution over the visible slots
+    (none on an uncached chunk)."""
     prompt, kvs, _ = case
     model, h = engine.model, len(prompt.header)
     mixed = [kvs[0], None, kvs[2]]
