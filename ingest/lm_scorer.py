@@ -15,14 +15,11 @@ the wrong positions).
 from __future__ import annotations
 
 import hashlib
-import logging
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
-
-log = logging.getLogger(__name__)
 
 
 def _cut_candidates(ids: Sequence[int]) -> list[int]:

@@ -233,12 +233,12 @@ def blend_prefill(
             active, x = active[keep], x[:, keep]
             positions, cos, sin, groups = place(active)
         q, k, v = layer.qkv(x, cos, sin)
-        if i in checks and by_deviation:
-            # How far each token's fresh K/V moved from the cached ones, in this layer.
+        deviation_check = i in checks and by_deviation
+        if deviation_check:  # how far each token's fresh K/V moved from the cached ones, in this layer
             old_k, old_v = cache.k[i, 0][:, positions], cache.v[i, 0][:, positions]
             score = ((k[0] - old_k).norm(dim=-1) + (v[0] - old_v).norm(dim=-1)).sum(0)
         cache.write(i, positions, k, v)  # fresh K/V over the stale ones (at a deviation check: all)
-        if i in checks and by_deviation:
+        if deviation_check:
             keep = _top(score.masked_fill(exact[active], -1.0), forced[active], checks[i])
             active, x, q = active[keep], x[:, keep], q[:, :, keep]
             positions, cos, sin, groups = place(active)

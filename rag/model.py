@@ -86,7 +86,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass
 class QueryGroup:
-    """Queries `rows` read key slots [0, keys), under an additive `mask` [rows, keys] or is_causal."""
+    """Queries `rows` read key slots [0, keys), under a `mask` [rows, keys] (additive, or bool with
+    True = may attend) or is_causal."""
 
     rows: slice
     keys: int
@@ -118,7 +119,8 @@ def causal_groups(slots: torch.Tensor, contiguous_from: int | None, dtype: torch
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: list[QueryGroup]) -> torch.Tensor:
-    """q [B, H, T, D]; k, v [B, KH, S, D] (the whole buffer); `groups` from causal_groups."""
+    """q [B, H, T, D]; k, v [B, KH, S, D] (the whole buffer); `groups` from causal_groups (or one
+    group with a tree's mask)."""
     outs = [F.scaled_dot_product_attention(q[:, :, g.rows], k[:, :, :g.keys], v[:, :, :g.keys], attn_mask=g.mask,
                                            is_causal=g.is_causal, enable_gqa=True) for g in groups]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
@@ -245,17 +247,14 @@ class Transformer(nn.Module):
         contiguous = start if (start is not None and mask is None) else None
         write = slice(start, start + t) if contiguous is not None else slots
         cos, sin = self.rope(positions)
-        groups = causal_groups(slots, contiguous, self.dtype) if mask is None else []
+        if mask is None:
+            groups = causal_groups(slots, contiguous, self.dtype)
+        else:  # a tree: every query in one group, under the given mask
+            groups = [QueryGroup(slice(0, t), mask.shape[1], mask)]
         x = self.embed(ids)
         for i, layer in enumerate(self.layers):
             q, k, v = layer.qkv(x, cos, sin)
             cache.write(i, write, k, v)
-            if mask is not None:
-                s = mask.shape[1]
-                attn = F.scaled_dot_product_attention(
-                    q, cache.k[i, :, :, :s], cache.v[i, :, :, :s], attn_mask=mask, enable_gqa=True)
-            else:
-                attn = causal_attention(q, cache.k[i], cache.v[i], groups)
-            x = layer.finish(x, attn)
+            x = layer.finish(x, causal_attention(q, cache.k[i], cache.v[i], groups))
         cache.length = max(cache.length, end)
         return x if logits_for is None else self.logits(x[:, logits_for])
