@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 
 from rag.kv_cache import KVCache
-from rag.linear import Linear
 from rag.model import Transformer, rope_cos_sin
 
 MIN_ROWS = 2
@@ -58,15 +57,13 @@ class DecodeStep:
         self.group = a.n_heads // a.n_kv_heads
         self.layers = []
         for layer in model.layers:
-            # Gate and up as two layers, so that SiLU and the product fuse into their matmuls.
-            gate, up = layer.w_gate_up.weight.detach().chunk(2, dim=0)
             self.layers.append((
                 layer.attn_norm.weight.detach(),
                 layer.wqkv.run,
                 layer.wo.run,
                 layer.mlp_norm.weight.detach(),
-                Linear.of(gate).run,
-                Linear.of(up).run,
+                layer.w_gate.run,
+                layer.w_up.run,
                 layer.w_down.run,
             ))
         self.norm_w = model.norm.weight.detach()

@@ -31,16 +31,6 @@ class Linear(nn.Linear):
 
     packed: torch.Tensor | None = None
 
-    @classmethod
-    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
-        """A packed (where possible) layer over existing tensors, e.g. half of a fused weight."""
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
-        layer.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        layer.pack()
-        return layer
-
     def pack(self) -> None:
         """Make (or refresh) the packed copy, if this dtype and device have one; else drop it."""
         w = self.weight.detach()

@@ -146,7 +146,8 @@ class Block(nn.Module):
         self.wqkv = Linear(a.dim, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, bias=a.qkv_bias)
         self.wo = Linear(a.n_heads * a.head_dim, a.dim, bias=False)
         self.mlp_norm = RMSNorm(a.dim, a.norm_eps)
-        self.w_gate_up = Linear(a.dim, 2 * a.ffn_dim, bias=False)
+        self.w_gate = Linear(a.dim, a.ffn_dim, bias=False)
+        self.w_up = Linear(a.dim, a.ffn_dim, bias=False)
         self.w_down = Linear(a.ffn_dim, a.dim, bias=False)
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -165,8 +166,8 @@ class Block(nn.Module):
         """Output projection, residual and SwiGLU MLP. attn [B, H, T, D]."""
         b, _, t, _ = attn.shape
         x = x + self.wo(attn.transpose(1, 2).reshape(b, t, -1))
-        gate, up = self.w_gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
-        return x + self.w_down(F.silu(gate) * up)
+        h = self.mlp_norm(x)
+        return self.w_down.run(self.w_up.run(h, "mul", self.w_gate.run(h, "swish")), "add", x)
 
 
 class Transformer(nn.Module):

@@ -108,7 +108,7 @@ def _hf_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _our_state_dict(hf: dict[str, torch.Tensor], a: ModelArgs) -> dict[str, torch.Tensor]:
-    """Rename HF Llama-family weights and fuse q/k/v and gate/up into one matmul each."""
+    """Rename HF Llama-family weights and fuse q/k/v into one matmul."""
     hf = {k.removeprefix("model."): v for k, v in hf.items()}
     out = {"embed.weight": hf["embed_tokens.weight"], "norm.weight": hf["norm.weight"]}
     out["lm_head.weight"] = hf["embed_tokens.weight"] if a.tie_embeddings else hf["lm_head.weight"]
@@ -119,7 +119,8 @@ def _our_state_dict(hf: dict[str, torch.Tensor], a: ModelArgs) -> dict[str, torc
         if a.qkv_bias:
             out[p + "wqkv.bias"] = torch.cat([hf[at + f"{n}_proj.bias"] for n in "qkv"])
         out[p + "wo.weight"] = hf[at + "o_proj.weight"]
-        out[p + "w_gate_up.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
+        out[p + "w_gate.weight"] = hf[p + "mlp.gate_proj.weight"]
+        out[p + "w_up.weight"] = hf[p + "mlp.up_proj.weight"]
         out[p + "w_down.weight"] = hf[p + "mlp.down_proj.weight"]
         out[p + "attn_norm.weight"] = hf[p + "input_layernorm.weight"]
         out[p + "mlp_norm.weight"] = hf[p + "post_attention_layernorm.weight"]
