@@ -188,3 +188,22 @@ def test_plain_step_reads_the_free_room_masked_and_equals_a_gathered_tree_row(lm
     one_node = torch.ones(1, 121, dtype=torch.bool)  # a one-node "tree": sees every slot up to itself
     tree = step(torch.tensor([7]), cache, 120, base=120, positions=torch.tensor([120]), mask=one_node)
     assert torch.isfinite(plain).all() and torch.equal(plain, tree)
+
+
+def test_request_buffers_are_reused_and_leave_no_trace(engine, paragraphs):
+    """`generate` hands its buffer back and the next request gets a view of it, sized exactly;
+    the old K/V left in it change nothing (a fresh engine's zeroed buffer gives the same answer)."""
+    used = Engine(engine.lm, SYSTEM_PROMPT)
+    used.generate(_prompt(used, paragraphs, QUESTIONS[0], 600), mode="blend", max_new_tokens=24)
+    prompt = _prompt(used, paragraphs, QUESTIONS[2], 300)
+    for mode in ("full", "blend"):
+        again = used.generate(prompt, mode=mode, max_new_tokens=24)
+        fresh = Engine(engine.lm, SYSTEM_PROMPT).generate(prompt, mode=mode, max_new_tokens=24)
+        assert again.token_ids == fresh.token_ids and len(again.token_ids) > 4
+
+    a = used.new_cache(100)
+    used.release(a)
+    used.release(a)  # twice: still one spare, never lent to two requests
+    b, c = used.new_cache(80), used.new_cache(80)
+    assert b.k.data_ptr() == a.k.data_ptr() and b.max_len == 80
+    assert c.k.data_ptr() != b.k.data_ptr()

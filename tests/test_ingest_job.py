@@ -173,7 +173,9 @@ def test_interrupted_ingestion_keeps_the_previous_index(tmp_path, model_dir, res
     current = (s.index_dir / "CURRENT").read_text()
     before = sorted(c.chunk_id for c in consistent(s)[0].all_chunks())
 
-    write_docs(tmp_path / "more", 40, chars=1200, corpus="pubmed")
+    # Enough work that the job is still running when the signal lands (40 documents could
+    # finish inside the half second below on a fast host, and the run then exits 0).
+    write_docs(tmp_path / "more", 100, chars=1200, corpus="pubmed")
     env = {**os.environ, "KVRAG_DATA_DIR": str(s.data_dir), "KVRAG_MODEL": str(model_dir),
            "KVRAG_CHUNKER": "token", "KVRAG_CHUNK_SIZE": "120", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "rag.cli", "ingest", str(docs), str(tmp_path / "more"), "--no-progress"],
@@ -196,7 +198,7 @@ def test_interrupted_ingestion_keeps_the_previous_index(tmp_path, model_dir, res
     assert sorted(c.chunk_id for c in consistent(s)[0].all_chunks()) == before
 
     rerun = ingest([docs, tmp_path / "more"], s, resources=resources, progress=False)
-    assert (rerun.added, rerun.unchanged) == (40, 2)
+    assert (rerun.added, rerun.unchanged) == (100, 2)
     docstore, _ = consistent(s)
-    assert len(docstore.document_ids()) == 42
+    assert len(docstore.document_ids()) == 102
     assert len(list(s.index_dir.glob("gen-*"))) == 1
