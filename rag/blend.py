@@ -124,7 +124,7 @@ def question_attention(model: Transformer, cache: KVCache, prompt: Prompt,
     a = model.args
     start, end = prompt.context_end, len(prompt)
     slots = torch.arange(start, end, device=model.device)
-    t, rep = len(slots), a.n_heads // a.n_kv_heads
+    t, rep = len(slots), a.q_per_kv
     cos, sin = model.rope(slots)
     x = model.embed(torch.tensor([prompt.footer], device=model.device))
     unseen = (~visible).nonzero().squeeze(1)  # context slots without K/V (uncached chunks)
@@ -223,7 +223,7 @@ def blend_prefill(
     cos_all, sin_all = model.rope(torch.arange(h, n_total, device=device))
     x = model.embed(torch.tensor([prompt.ids()[h:]], device=device)[:, active])
     n_footer = len(prompt.footer)
-    fold = model.args.n_heads // model.args.n_kv_heads
+    fold = model.args.q_per_kv
     layer_tokens, layer_ms = [], []
 
     def place(active: torch.Tensor):

@@ -54,7 +54,7 @@ class DecodeStep:
         self.args = a
         self.q_dim = a.n_heads * a.head_dim
         self.kv_dim = a.n_kv_heads * a.head_dim
-        self.group = a.n_heads // a.n_kv_heads
+        self.group = a.q_per_kv
         self.layers = []
         for layer in model.layers:
             self.layers.append((

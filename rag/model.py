@@ -45,6 +45,11 @@ class ModelArgs:
     inv_freq: torch.Tensor  # [head_dim // 2], raw (unscaled) RoPE frequencies
     rope_scale: float  # attention factor applied to cos/sin (YaRN etc.), 1.0 for most
 
+    @property
+    def q_per_kv(self) -> int:
+        """Query heads that share one KV head (grouped-query attention)."""
+        return self.n_heads // self.n_kv_heads
+
     @classmethod
     def from_hf(cls, cfg) -> ModelArgs:
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -275,7 +280,7 @@ class Transformer(nn.Module):
         write = slice(start, start + t) if contiguous is not None else slots
         cos, sin = self.rope(positions)
         if mask is None:
-            groups = causal_groups(slots, contiguous, self.dtype, self.args.n_heads // self.args.n_kv_heads)
+            groups = causal_groups(slots, contiguous, self.dtype, self.args.q_per_kv)
         else:  # a tree: every query in one group, under the given mask
             groups = [QueryGroup(slice(0, t), mask.shape[1], mask)]
         x = self.embed(ids)

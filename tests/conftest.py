@@ -31,6 +31,13 @@ def lm32(models_dir):
     return load_model("", models_dir, "float32")
 
 
+@pytest.fixture(scope="session")
+def paragraphs() -> list[str]:
+    """The sample documents' paragraphs of over 150 characters (real text for prompts)."""
+    text = "\n\n".join(p.read_text(encoding="utf-8") for p in sorted(SAMPLES.glob("*.md")))
+    return [p.strip() for p in text.split("\n\n") if len(p.strip()) > 150]
+
+
 @pytest.fixture
 def settings(tmp_path, models_dir):
     from rag.config import Settings

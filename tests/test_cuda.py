@@ -17,7 +17,7 @@ from rag.blend import blend_prefill
 from rag.config import SYSTEM_PROMPT
 from rag.engine import Engine
 from tests.test_blend import QUESTION, TEXT
-from tests.test_decode import QUESTIONS, _prompt, paragraphs  # noqa: F401  (a fixture)
+from tests.test_decode import QUESTIONS, _prompt
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 CUDA = "cuda"
@@ -89,7 +89,7 @@ def test_blend_on_cuda_agrees_with_the_cpu_engine(engine, case, lm32):
     torch.testing.assert_close(on_gpu.logits.cpu(), on_cpu.logits, rtol=1e-3, atol=5e-3)
 
 
-def test_greedy_lookahead_is_token_for_token_identical_on_cuda_in_float32(engine, paragraphs):  # noqa: F811
+def test_greedy_lookahead_is_token_for_token_identical_on_cuda_in_float32(engine, paragraphs):
     """On by request: in float32 a draft row equals a plain step here (in bf16 it did not, once in
     3 answers, which is why `generate` leaves it off on CUDA unless asked)."""
     accepted = 0
@@ -103,7 +103,7 @@ def test_greedy_lookahead_is_token_for_token_identical_on_cuda_in_float32(engine
     assert accepted > 0
 
 
-def test_sampling_and_the_context_limit_on_cuda(engine, paragraphs):  # noqa: F811
+def test_sampling_and_the_context_limit_on_cuda(engine, paragraphs):
     prompt = _prompt(engine, paragraphs, QUESTIONS[1], 300)
     a = engine.generate(prompt, max_new_tokens=16, temperature=0.7, top_p=0.9, seed=3)
     b = engine.generate(prompt, max_new_tokens=16, temperature=0.7, top_p=0.9, seed=3)

@@ -10,7 +10,6 @@ from rag.config import SYSTEM_PROMPT
 from rag.decode import decode
 from rag.engine import Engine
 from rag.lookahead import Lookahead
-from tests.conftest import SAMPLES
 
 QUESTIONS = (
     "How tall is the Greywater Point lighthouse?",
@@ -25,12 +24,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def engine(lm32) -> Engine:
     return Engine(lm32, SYSTEM_PROMPT)
-
-
-@pytest.fixture(scope="module")
-def paragraphs() -> list[str]:
-    text = "\n\n".join(p.read_text(encoding="utf-8") for p in sorted(SAMPLES.glob("*.md")))
-    return [p.strip() for p in text.split("\n\n") if len(p.strip()) > 150]
 
 
 def _prompt(engine: Engine, paragraphs: list[str], question: str, n_tokens: int):
