@@ -1,6 +1,7 @@
 """A compact Llama-family decoder with explicit K/V buffers (Llama 2/3, Mistral, Qwen2, SmolLM).
 
-RMSNorm, RoPE, grouped-query attention through `scaled_dot_product_attention`,
+RMSNorm, RoPE, grouped-query attention through `scaled_dot_product_attention`
+(masked groups on CPU in bf16: float32-score matmuls, which are faster there),
 SwiGLU. Every forward takes token positions (for RoPE) and slots (where its K/V
 go in the buffer) explicitly, so the blend can recompute any subset of tokens at
 any place and the decoder can verify a draft tree. Checked against transformers'
@@ -22,7 +23,7 @@ from rag.linear import Linear
 
 # Query groups for masked attention: each group only reads keys up to its last
 # slot, so a causal pass skips about half the key blocks like is_causal does.
-ATTN_GROUP = 128  # queries per masked SDPA call: a group reads keys up to its last slot only
+ATTN_GROUP = 64  # queries per masked group: a group reads keys up to its last slot only
 # SDPA's CPU kernel skips causally masked work in blocks of 512 keys, so a causal prompt of at
 # most that many tokens is computed in full; groups read only their own prefix (the scorer's
 # 512-token windows: 5.7 against 8.2 ms a layer, bf16, 2 threads; no gain past 1K tokens).
@@ -122,15 +123,26 @@ def causal_groups(slots: torch.Tensor, contiguous_from: int | None, dtype: torch
         return [QueryGroup(slice(0, t), t, is_causal=True)]
     if t == 1:
         return [QueryGroup(slice(0, 1), int(slots[0]) + 1)]
+    # Additive masks: SDPA's CPU kernel runs ~20% faster with one in the compute dtype than with
+    # a bool one; the matmul attention adds its float32 mask inside the score matmul.
+    if fold > 1 and _matmul_attention(slots.device, dtype):
+        dtype = torch.float32
     groups = []
     for g in range(0, t, ATTN_GROUP):
         group = slots[g:g + ATTN_GROUP]
         end = int(group[-1]) + 1
-        # Additive mask in the compute dtype: SDPA's CPU kernel runs ~20% faster than with a bool one.
         hidden = torch.arange(end, device=slots.device)[None, :] > group[:, None]
         mask = torch.zeros(hidden.shape, dtype=dtype, device=slots.device).masked_fill_(hidden, float("-inf"))
         groups.append(QueryGroup(slice(g, g + len(group)), end, mask.repeat(fold, 1), fold=fold))
     return groups
+
+
+def _matmul_attention(device: torch.device, dtype: torch.dtype) -> bool:
+    """Folded masked groups attend by matmuls (`_matmul_attend`) on CPU in bf16: SDPA's CPU
+    kernel spends ~2.4 ns a score on its softmax there, against ~0.7 ns for a float32 softmax
+    over a whole row (blend groups of 64 tokens, bf16: 16.0 against 18.9 ms a layer). In float32
+    SDPA is as fast or faster, and stays."""
+    return device.type == "cpu" and dtype == torch.bfloat16
 
 
 # For folded groups on CUDA: not cuDNN's kernel, which builds an execution plan per shape, and
@@ -141,7 +153,11 @@ _FOLDED_KERNELS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, S
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: list[QueryGroup]) -> torch.Tensor:
     """q [B, H, T, D]; k, v [B, KH, S, D] (the whole buffer); `groups` from causal_groups (or one
     group with a tree's mask)."""
-    outs = [_attend(q[:, :, g.rows], k[:, :, :g.keys], v[:, :, :g.keys], g) for g in groups]
+    if groups[0].fold > 1 and _matmul_attention(q.device, q.dtype):
+        k_t = k[:, :, :max(g.keys for g in groups)].transpose(-1, -2).float()  # once for every group
+        outs = [_matmul_attend(q[:, :, g.rows], k_t[..., :g.keys], v[:, :, :g.keys], g) for g in groups]
+    else:
+        outs = [_attend(q[:, :, g.rows], k[:, :, :g.keys], v[:, :, :g.keys], g) for g in groups]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
@@ -155,6 +171,23 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: QueryGroup) ->
     with sdpa_kernel(_FOLDED_KERNELS) if q.is_cuda else nullcontext():
         out = F.scaled_dot_product_attention(folded, k, v, attn_mask=g.mask)
     return out.reshape(b, h, t, d)  # a copy only where the kernel wrote another layout (CUDA)
+
+
+def _matmul_attend(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, g: QueryGroup) -> torch.Tensor:
+    """A folded group's attention as matmuls: q [B, H, T, D] (bf16), k_t [B, KH, D, S] float32,
+    v [B, KH, S, D]. Scores and softmax in float32 (as in SDPA's kernel), the probabilities
+    rounded to q's dtype for the product with V (as SDPA does too), one KV head at a time so
+    the [fold * T, S] scores stay in cache."""
+    b, h, t, d = q.shape
+    kh = k_t.shape[1]
+    folded = q.reshape(b, kh, h // kh * t, d).float()
+    out = torch.empty(folded.shape, dtype=q.dtype, device=q.device)
+    for i in range(b):
+        for j in range(kh):
+            s = torch.addmm(g.mask, folded[i, j], k_t[i, j], alpha=d ** -0.5)
+            torch.softmax(s, -1, out=s)
+            torch.mm(s.to(q.dtype), v[i, j], out=out[i, j])
+    return out.view(b, h, t, d)
 
 
 class RMSNorm(nn.Module):

@@ -38,6 +38,30 @@ def test_smollm2_logits_match_transformers(lm32):
         assert (step[0, -1] - ref[0, i]).abs().max() < 1e-3
 
 
+def test_bf16_masked_attention_is_as_close_to_transformers_as_sdpa(lm32, models_dir, paragraphs, monkeypatch):
+    """bf16 on CPU: a span over a past attends in masked groups as float32-score matmuls; its
+    logits are as close to transformers' float32 ones as with SDPA's own bf16 kernel."""
+    from rag import model as model_mod
+    from rag.model_loader import load_model
+
+    ids = torch.tensor([lm32.tokenizer.encode_text(" ".join(paragraphs))[:300]])
+    ref = hf_logits(lm32.path, ids)[0, 40:].log_softmax(-1)
+    bf = load_model("", models_dir, "bfloat16").model
+
+    def kl_and_top1() -> tuple[float, float]:
+        cache = bf.new_cache(ids.shape[1])
+        bf(ids[:, :40], cache, 0, logits_for=None)
+        got = bf(ids[:, 40:], cache, 40, logits_for=slice(None))[0].log_softmax(-1)
+        kl = (ref.exp() * (ref - got)).sum(-1).mean().item()
+        return kl, (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+
+    matmul = kl_and_top1()
+    monkeypatch.setattr(model_mod, "_matmul_attention", lambda device, dtype: False)
+    sdpa = kl_and_top1()
+    assert matmul[0] < 0.02 and matmul[1] > 0.9
+    assert matmul[0] <= 1.5 * sdpa[0] and matmul[1] >= sdpa[1] - 0.02
+
+
 FAMILIES = {
     "llama2": dict(model_type="llama"),
     "llama3-rope-scaling": dict(model_type="llama", rope_scaling={
