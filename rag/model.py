@@ -1,7 +1,7 @@
 """A compact Llama-family decoder with explicit K/V buffers (Llama 2/3, Mistral, Qwen2, SmolLM).
 
 RMSNorm, RoPE, grouped-query attention through `scaled_dot_product_attention`
-(masked groups on CPU in bf16: float32-score matmuls, which are faster there),
+(masked groups over more than 512 keys on CPU in bf16: float32-score matmuls, faster there),
 SwiGLU. Every forward takes token positions (for RoPE) and slots (where its K/V
 go in the buffer) explicitly, so the blend can recompute any subset of tokens at
 any place and the decoder can verify a draft tree. Checked against transformers'
@@ -100,13 +100,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class QueryGroup:
     """Queries `rows` read key slots [0, keys), under a `mask` (additive, or bool with True = may
     attend) or is_causal. The mask is [rows, keys], or [fold * rows, keys] where the `fold` query
-    heads that share a KV head run as the rows of one head (see causal_attention)."""
+    heads that share a KV head run as the rows of one head (see causal_attention); `matmul`
+    groups attend by float32-score matmuls instead of SDPA (see _matmul_attend)."""
 
     rows: slice
     keys: int
     mask: torch.Tensor | None = None
     is_causal: bool = False
     fold: int = 1
+    matmul: bool = False
 
 
 def causal_groups(slots: torch.Tensor, contiguous_from: int | None, dtype: torch.dtype,
@@ -125,7 +127,8 @@ def causal_groups(slots: torch.Tensor, contiguous_from: int | None, dtype: torch
         return [QueryGroup(slice(0, 1), int(slots[0]) + 1)]
     # Additive masks: SDPA's CPU kernel runs ~20% faster with one in the compute dtype than with
     # a bool one; the matmul attention adds its float32 mask inside the score matmul.
-    if fold > 1 and _matmul_attention(slots.device, dtype):
+    matmul = fold > 1 and _matmul_attention(slots.device, dtype, int(slots[-1]) + 1)
+    if matmul:
         dtype = torch.float32
     groups = []
     for g in range(0, t, ATTN_GROUP):
@@ -133,16 +136,18 @@ def causal_groups(slots: torch.Tensor, contiguous_from: int | None, dtype: torch
         end = int(group[-1]) + 1
         hidden = torch.arange(end, device=slots.device)[None, :] > group[:, None]
         mask = torch.zeros(hidden.shape, dtype=dtype, device=slots.device).masked_fill_(hidden, float("-inf"))
-        groups.append(QueryGroup(slice(g, g + len(group)), end, mask.repeat(fold, 1), fold=fold))
+        groups.append(QueryGroup(slice(g, g + len(group)), end, mask.repeat(fold, 1), fold=fold, matmul=matmul))
     return groups
 
 
-def _matmul_attention(device: torch.device, dtype: torch.dtype) -> bool:
-    """Folded masked groups attend by matmuls (`_matmul_attend`) on CPU in bf16: SDPA's CPU
-    kernel spends ~2.4 ns a score on its softmax there, against ~0.7 ns for a float32 softmax
-    over a whole row (blend groups of 64 tokens, bf16: 16.0 against 18.9 ms a layer). In float32
-    SDPA is as fast or faster, and stays."""
-    return device.type == "cpu" and dtype == torch.bfloat16
+def _matmul_attention(device: torch.device, dtype: torch.dtype, keys: int) -> bool:
+    """Folded masked groups attend by matmuls (`_matmul_attend`) on CPU in bf16 past CAUSAL_BLOCK
+    keys: SDPA's CPU kernel spends ~2.4 ns a score on its softmax there, against ~0.7 ns for a
+    float32 softmax over a whole row (toggled in one process: blend 0.15 -5.5% at 1 thread and
+    -7% at 2, full prefill of 2K tokens -5.4% and -3.4%). Over at most 512 keys (the scorer's
+    windows) the matmuls per group and KV head cost more than they save (-5.5% at 2 threads);
+    in float32 SDPA is as fast or faster."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and keys > CAUSAL_BLOCK
 
 
 # For folded groups on CUDA: not cuDNN's kernel, which builds an execution plan per shape, and
@@ -153,7 +158,7 @@ _FOLDED_KERNELS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, S
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: list[QueryGroup]) -> torch.Tensor:
     """q [B, H, T, D]; k, v [B, KH, S, D] (the whole buffer); `groups` from causal_groups (or one
     group with a tree's mask)."""
-    if groups[0].fold > 1 and _matmul_attention(q.device, q.dtype):
+    if groups[0].matmul:
         k_t = k[:, :, :max(g.keys for g in groups)].transpose(-1, -2).float()  # once for every group
         outs = [_matmul_attend(q[:, :, g.rows], k_t[..., :g.keys], v[:, :, :g.keys], g) for g in groups]
     else:

@@ -201,7 +201,9 @@ def test_scattered_queries_are_causal_by_position(dtype, fold):
     slots = torch.tensor(sorted(torch.randperm(s_len)[:300].tolist()))  # several groups of ATTN_GROUP
     q = (2 * torch.randn(1, 9, len(slots), 64)).to(dtype)
     k, v = (2 * torch.randn(1, 3, s_len, 64)).to(dtype), torch.randn(1, 3, s_len, 64).to(dtype)
-    got = causal_attention(q, k, v, causal_groups(slots, None, dtype, fold))
+    groups = causal_groups(slots, None, dtype, fold)
+    assert all(g.matmul == (dtype == torch.bfloat16) for g in groups)
+    got = causal_attention(q, k, v, groups)
     keys = torch.arange(s_len)
     by_position = keys[None, :] <= slots[:, None]
     want = _reference_attention(q.double(), k.double(), v.double(), by_position)

@@ -39,12 +39,12 @@ def test_smollm2_logits_match_transformers(lm32):
 
 
 def test_bf16_masked_attention_is_as_close_to_transformers_as_sdpa(lm32, models_dir, paragraphs, monkeypatch):
-    """bf16 on CPU: a span over a past attends in masked groups as float32-score matmuls; its
-    logits are as close to transformers' float32 ones as with SDPA's own bf16 kernel."""
+    """bf16 on CPU: a span over a past of over 512 keys attends in masked groups as float32-score
+    matmuls; its logits are as close to transformers' float32 ones as with SDPA's own bf16 kernel."""
     from rag import model as model_mod
     from rag.model_loader import load_model
 
-    ids = torch.tensor([lm32.tokenizer.encode_text(" ".join(paragraphs))[:300]])
+    ids = torch.tensor([lm32.tokenizer.encode_text(" ".join(paragraphs))[:700]])
     ref = hf_logits(lm32.path, ids)[0, 40:].log_softmax(-1)
     bf = load_model("", models_dir, "bfloat16").model
 
@@ -55,8 +55,9 @@ def test_bf16_masked_attention_is_as_close_to_transformers_as_sdpa(lm32, models_
         kl = (ref.exp() * (ref - got)).sum(-1).mean().item()
         return kl, (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
 
+    assert model_mod.causal_groups(torch.arange(40, ids.shape[1]), 40, torch.bfloat16, 3)[0].matmul
     matmul = kl_and_top1()
-    monkeypatch.setattr(model_mod, "_matmul_attention", lambda device, dtype: False)
+    monkeypatch.setattr(model_mod, "_matmul_attention", lambda device, dtype, keys: False)
     sdpa = kl_and_top1()
     assert matmul[0] < 0.02 and matmul[1] > 0.9
     assert matmul[0] <= 1.5 * sdpa[0] and matmul[1] >= sdpa[1] - 0.02
