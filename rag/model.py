@@ -28,6 +28,9 @@ ATTN_GROUP = 64  # queries per masked group: a group reads keys up to its last s
 # most that many tokens is computed in full; groups read only their own prefix (the scorer's
 # 512-token windows: 5.7 against 8.2 ms a layer, bf16, 2 threads; no gain past 1K tokens).
 CAUSAL_BLOCK = 512
+# Masked groups that read more keys than this attend by float32-score matmuls on CPU in bf16
+# (see _matmul_attention); the scorer's windows of at most 512 keys stay on SDPA.
+MATMUL_MIN_KEYS = 512
 
 
 @dataclass
@@ -141,13 +144,13 @@ def causal_groups(slots: torch.Tensor, contiguous_from: int | None, dtype: torch
 
 
 def _matmul_attention(device: torch.device, dtype: torch.dtype, keys: int) -> bool:
-    """Folded masked groups attend by matmuls (`_matmul_attend`) on CPU in bf16 past CAUSAL_BLOCK
-    keys: SDPA's CPU kernel spends ~2.4 ns a score on its softmax there, against ~0.7 ns for a
+    """Folded masked groups attend by matmuls (`_matmul_attend`) on CPU in bf16 past
+    MATMUL_MIN_KEYS keys: SDPA's CPU kernel spends ~2.4 ns a score on its softmax there, against ~0.7 ns for a
     float32 softmax over a whole row (toggled in one process: blend 0.15 -5.5% at 1 thread and
     -7% at 2, full prefill of 2K tokens -5.4% and -3.4%). Over at most 512 keys (the scorer's
     windows) the matmuls per group and KV head cost more than they save (-5.5% at 2 threads);
     in float32 SDPA is as fast or faster."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and keys > CAUSAL_BLOCK
+    return device.type == "cpu" and dtype == torch.bfloat16 and keys > MATMUL_MIN_KEYS
 
 
 # For folded groups on CUDA: not cuDNN's kernel, which builds an execution plan per shape, and
@@ -166,16 +169,20 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: 
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
+def _folded(q: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+    """q [B, H, T, D] -> [B, KH, H / KH * T, D]: the query heads that share a KV head as the rows
+    of one head, so K/V are never repeated (on CPU ~5% faster than SDPA's enable_gqa for the
+    blend's groups, and every kernel takes it)."""
+    b, h, t, d = q.shape
+    return q.reshape(b, n_kv_heads, h // n_kv_heads * t, d)
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: QueryGroup) -> torch.Tensor:
     if g.fold == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, is_causal=g.is_causal, enable_gqa=True)
-    # Query heads that share a KV head as the rows of one head: K/V are never repeated, and every
-    # kernel takes it (on CPU ~5% faster than enable_gqa for the blend's groups).
-    b, h, t, d = q.shape
-    folded = q.reshape(b, k.shape[1], h // k.shape[1] * t, d)
     with sdpa_kernel(_FOLDED_KERNELS) if q.is_cuda else nullcontext():
-        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=g.mask)
-    return out.reshape(b, h, t, d)  # a copy only where the kernel wrote another layout (CUDA)
+        out = F.scaled_dot_product_attention(_folded(q, k.shape[1]), k, v, attn_mask=g.mask)
+    return out.reshape(q.shape)  # a copy only where the kernel wrote another layout (CUDA)
 
 
 def _matmul_attend(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, g: QueryGroup) -> torch.Tensor:
@@ -183,16 +190,14 @@ def _matmul_attend(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, g: Query
     v [B, KH, S, D]. Scores and softmax in float32 (as in SDPA's kernel), the probabilities
     rounded to q's dtype for the product with V (as SDPA does too), one KV head at a time so
     the [fold * T, S] scores stay in cache."""
-    b, h, t, d = q.shape
-    kh = k_t.shape[1]
-    folded = q.reshape(b, kh, h // kh * t, d).float()
+    folded = _folded(q, k_t.shape[1]).float()
     out = torch.empty(folded.shape, dtype=q.dtype, device=q.device)
-    for i in range(b):
-        for j in range(kh):
-            s = torch.addmm(g.mask, folded[i, j], k_t[i, j], alpha=d ** -0.5)
+    for i in range(folded.shape[0]):
+        for j in range(folded.shape[1]):
+            s = torch.addmm(g.mask, folded[i, j], k_t[i, j], alpha=q.shape[-1] ** -0.5)
             torch.softmax(s, -1, out=s)
             torch.mm(s.to(q.dtype), v[i, j], out=out[i, j])
-    return out.view(b, h, t, d)
+    return out.view(q.shape)
 
 
 class RMSNorm(nn.Module):
