@@ -140,6 +140,7 @@ def run_decode_bench(dataset: Path | str | None = None, questions: int = 8, max_
     from rag.engine import Engine
     from rag.lookahead import Lookahead
     from rag.model_loader import load_model
+    from rag.native_step import NativeDecodeStep
 
     s = settings or Settings()
     if threads:
@@ -151,7 +152,7 @@ def run_decode_bench(dataset: Path | str | None = None, questions: int = 8, max_
     embedder = Embedder(s.embedder)
     hf = AutoModelForCausalLM.from_pretrained(lm.path, dtype=lm.model.dtype).to(lm.model.device).eval()
     pad = tok.hf.pad_token_id if tok.hf.pad_token_id is not None else min(tok.stop_ids)
-    stepper_for(lm.model)  # pack the weights once, outside the timings
+    step = stepper_for(lm.model)  # built (and the weights packed) once, outside the timings
     cases = load_cases(dataset, questions)
     rows = []
     tot = {"hf": [0, 0.0], "lean": [0, 0.0], "lookahead": [0, 0.0]}
@@ -167,7 +168,7 @@ def run_decode_bench(dataset: Path | str | None = None, questions: int = 8, max_
         res = {}
         for name in ("lean", "lookahead"):
             pre.cache.length = len(ids)
-            drafter = Lookahead(ids[len(prompt.header):]) if name == "lookahead" else None
+            drafter = Lookahead(ids[len(prompt.header):], budget=step.draft_budget) if name == "lookahead" else None
             t0 = time.perf_counter()
             r = decode(lm.model, tok, pre.cache, pre.logits[-1], len(ids), max_tokens, drafter=drafter)
             res[name] = (r, time.perf_counter() - t0 - r.ttft_s)
@@ -204,6 +205,8 @@ def run_decode_bench(dataset: Path | str | None = None, questions: int = 8, max_
         "dataset": str(dataset or SAMPLES),
         "dtype": str(lm.model.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
+        "decode_step": "native" if isinstance(step, NativeDecodeStep) else "pytorch",
+        "draft_budget": step.draft_budget,
         "per_question": rows,
     }
 

@@ -146,10 +146,11 @@ def decode(
 
 
 def new_drafter(context: Sequence[int], temperature: float, lookahead: bool | None,
-                device: torch.device) -> Lookahead | None:
+                model: Transformer) -> Lookahead | None:
     """Lookahead is on by default for greedy decoding where it is lossless: on CPU, where the
-    decode pass makes a draft row bitwise equal to a plain step (rag.decode_step). On CUDA the
-    matmul kernels change with the row count, so a bf16 draft row can differ in the last bit and
-    flip a near-tie (1 of 3 test answers on an H200): there, and for sampling, only when asked."""
-    on = (temperature <= 0 and device.type == "cpu") if lookahead is None else lookahead
-    return Lookahead(context) if on else None
+    decode pass makes a draft row bitwise equal to a plain step (rag.decode_step, rag.native_step).
+    On CUDA the matmul kernels change with the row count, so a bf16 draft row can differ in the
+    last bit and flip a near-tie (1 of 3 test answers on an H200): there, and for sampling, only
+    when asked. The tree's size is the step's own (`draft_budget`): what a row costs differs."""
+    on = (temperature <= 0 and model.device.type == "cpu") if lookahead is None else lookahead
+    return Lookahead(context, budget=stepper_for(model).draft_budget) if on else None

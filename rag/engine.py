@@ -153,7 +153,7 @@ class Engine:
                         max(1, room) if room else 0, temperature=temperature, top_p=top_p, stop=stop,
                         on_text=on_text, seed=seed,
                         drafter=new_drafter(prompt.ids()[len(prompt.header):], temperature, lookahead,
-                                            self.model.device))
+                                            self.model))
         self.release(pre.cache)
         finish = r.finish
         if room < max_new_tokens and finish == "length":

@@ -1,0 +1,99 @@
+"""The native decode step (rag/native/decode_step.c) against transformers, and its Lookahead guarantees."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rag import native_step
+from rag.decode_step import DecodeStep
+from rag.lookahead import compact
+from tests.test_lookahead import _two_branch_tree
+from tests.test_model import hf_logits
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def lm16(models_dir):
+    from rag.config import cpu_has_bf16
+    from rag.model_loader import load_model
+
+    if not cpu_has_bf16():
+        pytest.skip("no native bf16 on this CPU")
+    lm = load_model("", models_dir, "bfloat16")
+    if native_step.for_model(lm.model) is None:
+        pytest.skip("the native step can't be built here (no C compiler?)")
+    return lm
+
+
+def _kl(ref: torch.Tensor, got: torch.Tensor) -> float:
+    lr, lg = ref.float().log_softmax(-1), got.float().log_softmax(-1)
+    return float((lr.exp() * (lr - lg)).sum(-1).mean())
+
+
+def test_native_steps_are_as_close_to_transformers_as_the_pytorch_step(lm16, paragraphs):
+    """Teacher-forced decode steps after a bf16 prefill, against transformers' float32 logits of
+    the whole text: the native step (float32 activations) errs no more than the PyTorch step."""
+    model = lm16.model
+    ids = lm16.tokenizer.encode_text(paragraphs[0] + "\n\n" + paragraphs[1])[:400]
+    ref = hf_logits(lm16.path, torch.tensor([ids]))[0]
+    n = len(ids) - 24
+    steps = {"native": native_step.for_model(model), "pytorch": DecodeStep(model)}
+    kl, agree = {}, {}
+    for name, step in steps.items():
+        cache = model.new_cache(len(ids))
+        model(torch.tensor([ids[:n]]), cache, 0, logits_for=None)
+        rows = torch.cat([step(torch.tensor([ids[i]]), cache, i) for i in range(n, len(ids) - 1)])
+        kl[name] = _kl(ref[n:-1], rows)
+        agree[name] = float((rows.argmax(-1) == ref[n:-1].argmax(-1)).float().mean())
+    assert kl["native"] < 0.01
+    assert kl["native"] <= 1.5 * kl["pytorch"] + 1e-3, kl
+    assert agree["native"] >= agree["pytorch"] - 1 / 23, agree
+
+
+def test_native_tree_rows_are_bitwise_plain_steps(lm16):
+    """One masked pass over a two-branch tree gives every node exactly (bitwise) the logits and
+    K/V of plain one-token steps: the precondition for lossless Lookahead."""
+    model, tok = lm16.model, lm16.tokenizer
+    step = native_step.for_model(model)
+    ids = tok.encode_text("The Saltmere lighthouse stands on a granite cliff above the harbour. Its first keeper")
+    n = len(ids)
+    a, b = tok.encode_text(" was Josiah"), tok.encode_text(", a sailor")
+
+    def prefilled():
+        cache = model.new_cache(n + 8)
+        model(torch.tensor([ids[:-1]]), cache, 0, logits_for=None)
+        return cache
+
+    def plain(branch: list[int]):
+        cache = prefilled()
+        rows = [step(torch.tensor([t]), cache, n - 1 + i, base=n - 1)[0] for i, t in enumerate([ids[-1], *branch])]
+        return torch.stack(rows), cache
+
+    cache = prefilled()
+    tree = _two_branch_tree(a, b, root=ids[-1])
+    committed = n - 1
+    rows = step(torch.tensor(tree.tokens), cache, committed, positions=torch.tensor(tree.depths) + committed,
+                mask=tree.mask(committed), all_logits=True)
+    ref_a, _ = plain(a)
+    ref_b, cache_b = plain(b)
+    assert torch.equal(rows[[0, *range(1, 1 + len(a))]], ref_a)
+    assert torch.equal(rows[[0, *range(1 + len(a), 1 + len(a) + len(b))]], ref_b)
+    path = [0, *range(1 + len(a), 1 + len(a) + len(b))]
+    compact(cache, committed, path)
+    end = committed + len(path)
+    assert torch.equal(cache.k[:, :, :, :end], cache_b.k[:, :, :, :end])
+    assert torch.equal(cache.v[:, :, :, :end], cache_b.v[:, :, :, :end])
+
+
+def test_without_a_compiler_decoding_falls_back_to_pytorch(lm16, tmp_path, monkeypatch):
+    """No compiler (and nothing built yet): no native step, one warning, and decoding still works."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    native_step.library.cache_clear()
+    try:
+        assert native_step.for_model(lm16.model) is None
+        assert not list(tmp_path.rglob("*.so"))
+    finally:
+        native_step.library.cache_clear()
