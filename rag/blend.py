@@ -231,7 +231,8 @@ def blend_prefill(
         positions = active + h
         return positions, cos_all[active], sin_all[active], causal_groups(positions, None, model.dtype, fold)
 
-    positions, cos, sin, groups = place(active)
+    if not (0 in checks and not by_deviation):  # else layer 0 selects first: no masks for every token
+        positions, cos, sin, groups = place(active)
     for i, layer in enumerate(model.layers):
         t0 = time.perf_counter()
         if i in checks and not by_deviation:
