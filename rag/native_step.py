@@ -68,19 +68,22 @@ def library() -> ctypes.CDLL | None:
     cache_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvrag"
     lib = cache_dir / f"decode_step-{key}.so"
     if not lib.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
-        os.close(fd)
+        tmp = None
         try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
+            os.close(fd)
             run = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
             error = run.stderr[-500:] if run.returncode else None
-        except OSError as e:
+            if error is None:
+                os.replace(tmp, lib)  # atomic: concurrent builders agree on the file
+        except OSError as e:  # no such compiler, a read-only cache directory
             error = str(e)
         if error is not None:
-            Path(tmp).unlink(missing_ok=True)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
             log.warning("building %s failed, decoding runs the PyTorch step: %s", SOURCE.name, error)
             return None
-        os.replace(tmp, lib)  # atomic: concurrent builders agree on the file
     dll = ctypes.CDLL(str(lib))
     dll.kvrag_decode_step.restype = ctypes.c_int
     p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
