@@ -78,8 +78,9 @@ def test_greedy_lookahead_is_token_for_token_identical(engine, paragraphs, conte
 
 
 def test_greedy_lookahead_is_token_for_token_identical_in_bf16(engine16, paragraphs):
-    """In bf16 a CPU matmul's rows change in the last bit with the batch size: the decode pass keeps
-    every batch >= 2 rows and attends per token, so a draft row equals the plain step's exactly."""
+    """In bf16 a CPU matmul's rows change in the last bit with the batch size: the PyTorch step keeps
+    every batch >= 2 rows and attends per token, the native step computes every row alone, so a
+    draft row equals the plain step's exactly (the native step runs here where it can be built)."""
     # ~2K tokens and 64 new ones, as in `kvrag bench decode`: without the fix, 3 of these 8 differ.
     _assert_lookahead_identical(engine16, paragraphs, 2000, SAMPLE_QUESTIONS, 64)
 
@@ -120,7 +121,9 @@ def test_generate_defaults_lookahead_on_for_greedy_only(engine, paragraphs):
 
 
 @pytest.mark.parametrize("lookahead", [False, True])
-def test_long_generation_stops_cleanly_at_the_context_limit(engine, paragraphs, lookahead):
+@pytest.mark.parametrize("model_engine", ["engine", "engine16"])  # the PyTorch step; the native one (bf16)
+def test_long_generation_stops_cleanly_at_the_context_limit(request, model_engine, paragraphs, lookahead):
+    engine = request.getfixturevalue(model_engine)
     prompt = _prompt(engine, paragraphs, "Repeat the documents word for word.", 200)
     small = Engine(engine.lm, SYSTEM_PROMPT, max_context=len(prompt) + 12)
     gen = small.generate(prompt, max_new_tokens=200, lookahead=lookahead)
