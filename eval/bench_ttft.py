@@ -14,13 +14,16 @@ often their argmax agrees, averaged over the prompts (repeat r uses prompt
 r mod n_prompts, so one chunk set does not decide). ms per token per layer
 compares a full prefill with the blend's partial layers (those after the last
 check layer, where only the selected and question tokens are computed; the last
-layer, which only writes the selected tokens' K/V, is left out).
+layer, which only writes the selected tokens' K/V, is left out), and with a prefill
+of as many tokens as the blend computes, at the prompt's end over the rest (the
+same kind of late tokens, through the ordinary causal forward).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import statistics
 import time
@@ -117,6 +120,20 @@ def _blend(engine: Engine, prompt: Prompt, kvs: list[ChunkKV], ratio: float,
     return ms, r
 
 
+def _span(engine: Engine, prompt: Prompt, span: int) -> float:
+    """ms to prefill the prompt's last `span` tokens over the rest (already prefilled, untimed): the
+    ordinary causal forward on as many tokens as a blend computes, at the late positions theirs sit at."""
+    h, n = len(prompt.header), len(prompt)
+    ids = torch.tensor([prompt.ids()], device=engine.model.device)
+    cache = engine.new_cache(n)
+    engine.model(ids[:, h:n - span], cache, h, logits_for=None)
+    t0 = time.perf_counter()
+    int(engine.model(ids[:, n - span:], cache, n - span)[0, -1].argmax())
+    ms = 1000 * (time.perf_counter() - t0)
+    engine.release(cache)
+    return ms
+
+
 def _per_token_layer(r: BlendResult, layers: range | list[int]) -> float | None:
     ms = sum(r.layer_ms[i] for i in layers)
     tokens = sum(r.layer_tokens[i] for i in layers)
@@ -146,6 +163,11 @@ def run_ttft_bench(settings: Settings, corpus: Path | None = None, chunks: int =
         if deviation_row:
             modes.append((near, 1, "deviation"))
 
+    # The per-token yardstick for the blend's partial layers: a prefill of as many tokens as the
+    # blend nearest ratio 0.15 computes (its recomputed ones plus the question), over a past.
+    near = min(partial_ratios, key=lambda r: abs(r - 0.15)) if partial_ratios else 0.15
+    span = math.ceil(near * sum(len(c) for c in prompts[0].chunks)) + len(prompts[0].footer)
+    span_ms: list[float] = []
     full_ms: list[float] = []
     ms: dict[tuple, list[float]] = {m: [] for m in modes}
     partial: dict[tuple, list[float]] = {m: [] for m in modes}
@@ -154,7 +176,12 @@ def run_ttft_bench(settings: Settings, corpus: Path | None = None, chunks: int =
     counts: dict[tuple, tuple[int, int]] = {}
     keys: dict[tuple, float] = {}  # mean keys a token reads in the partial layers (prompt 0)
 
-    def run(m: tuple | None, i: int, timed: bool) -> None:
+    def run(m: tuple | str | None, i: int, timed: bool) -> None:
+        if m == "span":
+            t = _span(engine, prompts[i], span)
+            if timed:
+                span_ms.append(t)
+            return
         if m is None:
             t, logits[None][i] = _full(engine, prompts[i])
             if timed:
@@ -177,7 +204,7 @@ def run_ttft_bench(settings: Settings, corpus: Path | None = None, chunks: int =
                 early[m].append(v)
 
     for rep in range(repeats):
-        order = [None, *modes]
+        order = [None, *modes, "span"]
         k = rep % len(order)
         for m in order[k:] + order[:k]:  # rotate, so no mode always runs first
             run(m, rep % len(prompts), timed=True)
@@ -213,6 +240,9 @@ def run_ttft_bench(settings: Settings, corpus: Path | None = None, chunks: int =
         "full": {"ttft_ms": round(full, 1),
                  "ms_per_token_layer": round(full / statistics.fmean(computed) / n_layers, 5),
                  "mean_keys_per_token": round((h0 + len(prompts[0]) + 1) / 2)},
+        "span": {"tokens": span, "ttft_ms": round(statistics.median(span_ms), 1),
+                 "ms_per_token_layer": round(statistics.median(span_ms) / span / n_layers, 5),
+                 "mean_keys_per_token": round(len(prompts[0]) - (span - 1) / 2)},
         "modes": out_modes,
     }
 
@@ -226,6 +256,11 @@ def markdown(result: dict) -> str:
              "kl_mean": 0.0, "top1": 1.0, "first_token": 1.0, "recomputed_tokens": result["reused_tokens"],
              "ms_per_token_layer_partial": result["full"]["ms_per_token_layer"],
              "mean_keys_per_token": result["full"]["mean_keys_per_token"]}, *result["modes"]]
+    if span := result.get("span"):
+        rows.append({"ratio": f"span of {span['tokens']} over a past", "gradual": "", "selection": "",
+                     "recomputed_tokens": "",
+                     "ttft_ms": span["ttft_ms"], "ms_per_token_layer_partial": span["ms_per_token_layer"],
+                     "mean_keys_per_token": span["mean_keys_per_token"]})
     cols = [("ratio", "ratio", str), ("selection", "selection", str), ("gradual", "check layers", str),
             ("ttft_ms", "TTFT ms", num(0)),
             ("speedup", "speedup", num(2)), ("kl_mean", "KL mean", num(4)), ("top1", "top-1", num(3)),
