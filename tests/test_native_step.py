@@ -97,3 +97,41 @@ def test_without_a_compiler_decoding_falls_back_to_pytorch(lm16, tmp_path, monke
         assert not list(tmp_path.rglob("*.so"))
     finally:
         native_step.library.cache_clear()
+
+
+@pytest.mark.parametrize("family", ["llama2", "llama3-rope-scaling", "qwen2"])
+def test_native_step_matches_transformers_on_each_family(family, tmp_path):
+    """Untied embeddings (llama2), scaled RoPE (llama3), q/k/v biases (qwen2), two query heads per KV
+    head: decode steps over a prefilled past against transformers run on the same bf16 weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rag.config import cpu_has_bf16
+    from rag.model_loader import load_transformer
+    from tests.test_model import FAMILIES
+
+    if not cpu_has_bf16():
+        pytest.skip("no native bf16 on this CPU")
+    kw = dict(FAMILIES[family])
+    cfg = AutoConfig.for_model(
+        kw.pop("model_type"), vocab_size=256, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, rope_theta=10000.0, **kw)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    if family == "qwen2":
+        for layer in hf.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.5)
+    hf = hf.to(torch.bfloat16).to(torch.float32)  # the weights the bf16 model holds, computed in float32
+    hf.save_pretrained(tmp_path)
+    ids = torch.randint(0, 256, (1, 48))
+    with torch.no_grad():
+        ref = hf(ids).logits[0]
+    model = load_transformer(tmp_path, torch.bfloat16)
+    step = native_step.for_model(model)
+    if step is None:
+        pytest.skip("the native step can't be built here")
+    cache = model.new_cache(48)
+    model(ids[:, :32], cache, 0, logits_for=None)
+    rows = torch.cat([step(ids[0, i:i + 1], cache, i) for i in range(32, 47)])
+    assert _kl(ref[32:47], rows) < 1e-3
+    assert (rows - ref[32:47]).abs().max() < 0.02  # a random model's logits are near ties: no argmax check
