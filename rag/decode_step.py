@@ -23,8 +23,8 @@ slots than a plain step's, so the same terms are summed in another order
 
 K/V go straight into the preallocated `KVCache` rows; nothing grows per step.
 
-On CPU in bf16 `stepper_for` hands out the native step instead (rag.native_step: the same
-pass as one C call, ~3.6x faster); this one serves fp32, CUDA and machines without a compiler.
+On CPU `stepper_for` hands out the native step instead (rag.native_step: the same pass as
+one C call, 2.3-3.6x faster); this one serves CUDA and machines without a C compiler.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ _steppers: weakref.WeakKeyDictionary[Transformer, DecodeStep | NativeDecodeStep]
 
 
 def stepper_for(model: Transformer) -> DecodeStep | NativeDecodeStep:
-    """One step per model: the native one where it runs (bf16 on CPU with a C compiler,
+    """One step per model: the native one where it runs (on CPU with a C compiler,
     rag.native_step), else this module's."""
     step = _steppers.get(model)
     if step is None:

@@ -8,8 +8,8 @@ equal to plain steps) and float32 activations throughout.
 
 It is built on first use with the system C compiler (`cc -O3 -march=native -fopenmp`, ~1 s)
 into a per-user cache keyed by the source and the CPU, and shares PyTorch's OpenMP runtime.
-Where there is no compiler, the model is not bf16 on CPU, or KVRAG_NATIVE_DECODE=0, the
-PyTorch step runs instead.
+It runs bf16 and float32 models on CPU (float32 where the CPU lacks native bf16); where
+there is no compiler, on CUDA, or with KVRAG_NATIVE_DECODE=0, the PyTorch step runs instead.
 """
 
 from __future__ import annotations
@@ -32,8 +32,11 @@ from rag.model import Transformer, rope_cos_sin
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("native") / "decode_step.c"
+SOURCE = Path(__file__).with_name("native") / "decode_step.c"  # includes decode_step_typed.h
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+
+
+ENTRY = {torch.bfloat16: "kvrag_decode_step_bf16", torch.float32: "kvrag_decode_step_f32"}
 
 
 class _Model(ctypes.Structure):
@@ -64,7 +67,8 @@ def library() -> ctypes.CDLL | None:
     if compiler is None:
         log.warning("no C compiler: decoding runs the PyTorch step (slower)")
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    sources = b"".join(p.read_bytes() for p in sorted(SOURCE.parent.glob("decode_step*")))
+    key = hashlib.sha256(sources + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
     cache_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvrag"
     lib = cache_dir / f"decode_step-{key}.so"
     if not lib.exists():
@@ -85,15 +89,16 @@ def library() -> ctypes.CDLL | None:
             log.warning("building %s failed, decoding runs the PyTorch step: %s", SOURCE.name, error)
             return None
     dll = ctypes.CDLL(str(lib))
-    dll.kvrag_decode_step.restype = ctypes.c_int
     p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    dll.kvrag_decode_step.argtypes = [p, p, p, i, p, p, p, p, i64, i64, i, i, p, p, i, p, i, p, i, i]
+    for fn in (dll.kvrag_decode_step_bf16, dll.kvrag_decode_step_f32):
+        fn.restype = ctypes.c_int
+        fn.argtypes = [p, p, p, i, p, p, p, p, i64, i64, i, i, p, p, i, p, i, p, i, i]
     return dll
 
 
 def supports(model: Transformer) -> bool:
     a = model.args
-    return (model.device.type == "cpu" and model.dtype == torch.bfloat16 and a.head_dim == 64
+    return (model.device.type == "cpu" and model.dtype in ENTRY and a.head_dim == 64
             and a.dim % 32 == 0 and a.ffn_dim % 32 == 0 and a.n_heads % a.n_kv_heads == 0
             and a.q_per_kv <= 8)
 
@@ -107,14 +112,16 @@ def for_model(model: Transformer) -> NativeDecodeStep | None:
 class NativeDecodeStep:
     """`rag.decode_step.DecodeStep`'s interface, one C call a step."""
 
-    # A plain step streams the weights in ~9-11 ms (2 cores, ~2K context); each more row of a
-    # draft tree adds its compute, ~2.5 ms: trees of 1-3 drafts all gave Lookahead 1.24-1.26x
-    # on 24 held-out COVID-QA questions, bigger ones less (eval/RESULTS_decode.md).
+    # A plain step streams the weights (bf16: ~9-11 ms on 2 cores at ~2K context; float32 ~24);
+    # each more row of a draft tree adds its compute, ~2.5 ms: in bf16 trees of 1-3 drafts all
+    # gave Lookahead 1.24-1.26x on 24 held-out COVID-QA questions, in float32 2 drafts 1.36x,
+    # 4 1.28x, 6 1.12x (eval/RESULTS_decode.md).
     draft_budget = 2
 
     def __init__(self, model: Transformer, lib: ctypes.CDLL):
         a = model.args
-        self.model, self.args, self.lib = model, a, lib
+        self.model, self.args = model, a
+        self.run = getattr(lib, ENTRY[model.dtype])
         self._keep = []  # tensors whose memory the C side points into
 
         def ptr(t: torch.Tensor | None) -> int:
@@ -152,8 +159,9 @@ class NativeDecodeStep:
         end = start + t
         cache.ensure(end)
         k, v = cache.k, cache.v
-        if k.stride() != v.stride() or k.stride(4) != 1 or k.stride(3) != a.head_dim or k.shape[1] != 1:
-            raise ValueError("the native step needs batch-1 K/V buffers with contiguous slots")
+        if (k.dtype != self.model.dtype or v.dtype != k.dtype or k.stride() != v.stride() or k.stride(4) != 1
+                or k.stride(3) != a.head_dim or k.shape[1] != 1):
+            raise ValueError("the native step needs batch-1 K/V buffers in the model's dtype with contiguous slots")
         pos = torch.arange(start, end) if positions is None else positions.to(torch.int64).cpu()
         self._rope_table(int(pos.max()) + 1)
         ids = ids.to(torch.int64).cpu().contiguous()
@@ -176,7 +184,7 @@ class NativeDecodeStep:
         scratch = torch.empty(t * per_row, dtype=torch.float32)
         n_out = t if all_logits else 1
         logits = torch.empty(n_out, a.vocab_size, dtype=torch.float32)
-        rc = self.lib.kvrag_decode_step(
+        rc = self.run(
             ctypes.byref(self._model), ids.data_ptr(), pos.data_ptr(), t, self._cos.data_ptr(), self._sin.data_ptr(),
             k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(2), start, base,
             tail.data_ptr() if tail is not None else None, tail_len.data_ptr() if tail_len is not None else None,

@@ -27,17 +27,26 @@ def lm16(models_dir):
     return lm
 
 
+@pytest.fixture(params=["lm16", "lm32"])
+def lm(request):
+    """The real model in bf16 (where the CPU has it) and in float32: the step's two builds."""
+    lm = request.getfixturevalue(request.param)
+    if native_step.for_model(lm.model) is None:
+        pytest.skip("the native step can't be built here (no C compiler?)")
+    return lm
+
+
 def _kl(ref: torch.Tensor, got: torch.Tensor) -> float:
     lr, lg = ref.float().log_softmax(-1), got.float().log_softmax(-1)
     return float((lr.exp() * (lr - lg)).sum(-1).mean())
 
 
-def test_native_steps_are_as_close_to_transformers_as_the_pytorch_step(lm16, paragraphs):
-    """Teacher-forced decode steps after a bf16 prefill, against transformers' float32 logits of
-    the whole text: the native step (float32 activations) errs no more than the PyTorch step."""
-    model = lm16.model
-    ids = lm16.tokenizer.encode_text(paragraphs[0] + "\n\n" + paragraphs[1])[:400]
-    ref = hf_logits(lm16.path, torch.tensor([ids]))[0]
+def test_native_steps_are_as_close_to_transformers_as_the_pytorch_step(lm, paragraphs):
+    """Teacher-forced decode steps after a prefill, against transformers' float32 logits of the
+    whole text: the native step (float32 activations) errs no more than the PyTorch step."""
+    model = lm.model
+    ids = lm.tokenizer.encode_text(paragraphs[0] + "\n\n" + paragraphs[1])[:400]
+    ref = hf_logits(lm.path, torch.tensor([ids]))[0]
     n = len(ids) - 24
     steps = {"native": native_step.for_model(model), "pytorch": DecodeStep(model)}
     kl, agree = {}, {}
@@ -47,15 +56,15 @@ def test_native_steps_are_as_close_to_transformers_as_the_pytorch_step(lm16, par
         rows = torch.cat([step(torch.tensor([ids[i]]), cache, i) for i in range(n, len(ids) - 1)])
         kl[name] = _kl(ref[n:-1], rows)
         agree[name] = float((rows.argmax(-1) == ref[n:-1].argmax(-1)).float().mean())
-    assert kl["native"] < 0.01
-    assert kl["native"] <= 1.5 * kl["pytorch"] + 1e-3, kl
+    assert kl["native"] < (0.01 if model.dtype == torch.bfloat16 else 1e-5)
+    assert kl["native"] <= 1.5 * kl["pytorch"] + (1e-3 if model.dtype == torch.bfloat16 else 1e-6), kl
     assert agree["native"] >= agree["pytorch"] - 1 / 23, agree
 
 
-def test_native_tree_rows_are_bitwise_plain_steps(lm16):
+def test_native_tree_rows_are_bitwise_plain_steps(lm):
     """One masked pass over a two-branch tree gives every node exactly (bitwise) the logits and
     K/V of plain one-token steps: the precondition for lossless Lookahead."""
-    model, tok = lm16.model, lm16.tokenizer
+    model, tok = lm.model, lm.tokenizer
     step = native_step.for_model(model)
     ids = tok.encode_text("The Saltmere lighthouse stands on a granite cliff above the harbour. Its first keeper")
     n = len(ids)
