@@ -1,4 +1,4 @@
-"""The decode step as one native call (rag/native/decode_step.c), where the CPU and dtype allow.
+"""The decode step as one native call (rag/native/decode_step.c) on CPU.
 
 A decode step reads every weight once for a few rows: its speed is how fast the weights
 stream. Through PyTorch that is ~150 small oneDNN calls and ~1,000 other ops a step
@@ -7,7 +7,7 @@ stream. Through PyTorch that is ~150 small oneDNN calls and ~1,000 other ops a s
 equal to plain steps) and float32 activations throughout.
 
 It is built on first use with the system C compiler (`cc -O3 -march=native -fopenmp`, ~1 s)
-into a per-user cache keyed by the source and the CPU, and shares PyTorch's OpenMP runtime.
+into a per-user cache keyed by the sources and the CPU, and shares PyTorch's OpenMP runtime.
 It runs bf16 and float32 models on CPU (float32 where the CPU lacks native bf16); where
 there is no compiler, on CUDA, or with KVRAG_NATIVE_DECODE=0, the PyTorch step runs instead.
 """
@@ -34,8 +34,6 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "decode_step.c"  # includes decode_step_typed.h
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-
-
 ENTRY = {torch.bfloat16: "kvrag_decode_step_bf16", torch.float32: "kvrag_decode_step_f32"}
 
 
