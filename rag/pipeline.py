@@ -17,6 +17,7 @@ import torch
 from cache.factory import build_store
 from cache.store import TieredStore
 from rag.config import Settings
+from rag.decode_step import stepper_for
 from rag.docstore import Chunk, Docstore
 from rag.embedder import Embedder
 from rag.engine import Engine
@@ -79,6 +80,7 @@ class RAG:
             lm = load_model(settings.model, settings.models_dir, settings.torch_dtype, settings.torch_device)
             self.engine = Engine(lm, settings.system_prompt, settings.max_context_tokens)
             self.engine.header_kv()  # prefix cache at start-up, not on the first request
+            stepper_for(lm.model)  # likewise the decode step (the native one compiles once per machine)
             self.store = build_store(
                 settings.cache_memory_mb, settings.kv_dir, settings.cache_disk_mb, settings.redis_url or None,
                 settings.cache_redis_ttl_s, device=settings.torch_device,
