@@ -156,8 +156,8 @@ def run_ttft_bench(settings: Settings, corpus: Path | None = None, chunks: int =
     kvs = [[engine.chunk_kv(c) for c in p.chunks] for p in prompts]  # also warms the model up
     modes = [(float(r), gradual, "attention") for r in ratios]
     partial_ratios = [float(r) for r in ratios if 0 < r < 1]  # where there is something to filter
+    near = min(partial_ratios, key=lambda r: abs(r - 0.15)) if partial_ratios else 0.15
     if partial_ratios:
-        near = min(partial_ratios, key=lambda r: abs(r - 0.15))
         if gradual_row and gradual_row != gradual:
             modes.append((near, gradual_row, "attention"))
         if deviation_row:
@@ -165,7 +165,6 @@ def run_ttft_bench(settings: Settings, corpus: Path | None = None, chunks: int =
 
     # The per-token yardstick for the blend's partial layers: a prefill of as many tokens as the
     # blend nearest ratio 0.15 computes (its recomputed ones plus the question), over a past.
-    near = min(partial_ratios, key=lambda r: abs(r - 0.15)) if partial_ratios else 0.15
     span = math.ceil(near * sum(len(c) for c in prompts[0].chunks)) + len(prompts[0].footer)
     span_ms: list[float] = []
     full_ms: list[float] = []
