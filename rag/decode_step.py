@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from rag import native_step
 from rag.kv_cache import KVCache
+from rag.lookahead import tree_tails
 from rag.model import Transformer, rope_cos_sin
 from rag.native_step import NativeDecodeStep
 
@@ -94,9 +95,8 @@ class DecodeStep:
     @staticmethod
     def _tails(cache: KVCache, base: int, start: int, t: int, rows: int,
                mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Each row's keys past `base`, in the order a plain step would see them: the committed
-        slots [base, start), then the row's own tree path (ancestors, itself) by depth. Padded
-        to one width per generation (the buffer's free room), the padding masked out.
+        """Each row's keys past `base` in plain-step order (lookahead.tree_tails), padded to one
+        width per generation (the buffer's free room), the padding masked out.
 
         Returns (slot indices [rows, width], or None where they are the contiguous slots
         base..max_len, as in a plain step; additive mask [rows, width])."""
@@ -106,16 +106,12 @@ class DecodeStep:
             own = torch.arange(rows).clamp_(max=t - 1)
             hidden = torch.arange(width)[None, :] > (n + own)[:, None]
             return None, torch.zeros(rows, width).masked_fill_(hidden, float("-inf")).to(cache.k.device)
+        tails, lengths = tree_tails(mask, base, start)
+        rows_of = torch.arange(rows).clamp_(max=t - 1)  # a padded second row repeats the first
         idx = torch.full((rows, width), start, dtype=torch.long)
-        valid = torch.zeros(rows, width, dtype=torch.bool)
-        committed = torch.arange(base, start)
-        for j in range(rows):
-            jj = min(j, t - 1)
-            own = torch.nonzero(mask[jj, start:start + t]).squeeze(1) + start  # ancestors first (depth-first)
-            idx[j, :n] = committed
-            idx[j, n:n + len(own)] = own
-            valid[j, :n + len(own)] = True
-        add = torch.zeros(rows, width).masked_fill_(~valid, float("-inf"))
+        idx[:, :tails.shape[1]] = tails[rows_of]
+        hidden = torch.arange(width)[None, :] >= lengths[rows_of][:, None]
+        add = torch.zeros(rows, width).masked_fill_(hidden, float("-inf"))
         return idx.to(cache.k.device), add.to(cache.k.device)
 
     @torch.inference_mode()

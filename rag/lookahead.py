@@ -77,6 +77,23 @@ class TrieStream:
         self.open = grown[:self.trie.depth - 1]
 
 
+def tree_tails(mask: torch.Tensor, base: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each tree row's keys past `base`, in the order a plain step would read them: the committed
+    slots [base, start), then the row's own path (ancestors, itself) by depth. `mask` [T, start+T]
+    as from DraftTree.mask. Returns (slots [T, start - base + T], padded with `start`; lengths [T]).
+    Summed in this order a draft row's attention is bitwise a plain step's (the decode steps)."""
+    t, mask = mask.shape[0], mask.cpu()
+    n = start - base
+    idx = torch.full((t, n + t), start, dtype=torch.long)
+    lengths = torch.zeros(t, dtype=torch.long)
+    idx[:, :n] = torch.arange(base, start)
+    for j in range(t):
+        own = torch.nonzero(mask[j, start:start + t]).squeeze(1) + start  # slot order = depth order
+        idx[j, n:n + len(own)] = own
+        lengths[j] = n + len(own)
+    return idx, lengths
+
+
 @dataclass
 class DraftTree:
     """Node 0 is the root (the token being fed now); nodes in depth-first order, likeliest first."""

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from rag.kv_cache import KVCache
+from rag.lookahead import tree_tails
 from rag.model import Transformer, rope_cos_sin
 
 log = logging.getLogger(__name__)
@@ -166,16 +167,8 @@ class NativeDecodeStep:
         pos = pos.contiguous()
         tail = tail_len = None
         width = end - base
-        if mask is not None:  # each row: the committed slots, then its own tree path (ancestors first)
-            mask = mask.cpu()
-            tail = torch.zeros(t, width, dtype=torch.int32)
-            tail_len = torch.zeros(t, dtype=torch.int32)
-            committed = torch.arange(base, start, dtype=torch.int32)
-            for j in range(t):
-                own = torch.nonzero(mask[j, start:end]).squeeze(1).to(torch.int32) + start
-                tail[j, :start - base] = committed
-                tail[j, start - base:start - base + len(own)] = own
-                tail_len[j] = start - base + len(own)
+        if mask is not None:
+            tail, tail_len = (x.to(torch.int32).contiguous() for x in tree_tails(mask, base, start))
         scores_width = (end + 15) // 16 * 16
         qkv_dim = (a.n_heads + 2 * a.n_kv_heads) * a.head_dim
         per_row = a.dim + 3 * a.ffn_dim + qkv_dim + a.n_heads * a.head_dim + a.n_heads * scores_width + width + a.ffn_dim

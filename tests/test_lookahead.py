@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rag.decode_step import stepper_for
+from rag.decode_step import DecodeStep, stepper_for
 from rag.lookahead import DraftTree, Lookahead, NgramTrie, compact
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,15 +101,17 @@ def test_tree_mask_lets_each_node_see_only_committed_slots_and_its_ancestors():
     assert path == [0, 4, 5] and new == [21, 22, 7]
 
 
-def test_tree_verification_equals_plain_steps_on_each_branch(lm32):
-    """One masked pass over a two-branch tree gives each node the logits (and K/V) of plain decoding."""
+@pytest.mark.parametrize("make_step", [stepper_for, DecodeStep], ids=["default", "pytorch"])
+def test_tree_verification_equals_plain_steps_on_each_branch(lm32, make_step):
+    """One masked pass over a two-branch tree gives each node the logits (and K/V) of plain decoding,
+    with the default step (native where it builds) and the PyTorch one (CUDA, no compiler)."""
     model, tok = lm32.model, lm32.tokenizer
     ids = tok.encode_text("The Saltmere lighthouse stands on a granite cliff above the harbour. Its first keeper")
     n = len(ids)
     a = tok.encode_text(" was Josiah")
     b = tok.encode_text(", a sailor")
     assert a[0] != b[0]
-    step = stepper_for(model)
+    step = make_step(model)
 
     def plain(branch: list[int]) -> tuple[torch.Tensor, object]:
         cache = model.new_cache(n + 8)
