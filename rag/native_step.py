@@ -111,10 +111,10 @@ def for_model(model: Transformer) -> NativeDecodeStep | None:
 class NativeDecodeStep:
     """`rag.decode_step.DecodeStep`'s interface, one C call a step."""
 
-    # A plain step streams the weights (bf16: ~9-11 ms on 2 cores at ~2K context; float32 ~24);
-    # each more row of a draft tree adds its compute, ~2.5 ms: in bf16 trees of 1-3 drafts all
-    # gave Lookahead 1.24-1.26x on 24 held-out COVID-QA questions, in float32 2 drafts 1.36x,
-    # 4 1.28x, 6 1.12x (eval/RESULTS_decode.md).
+    # A plain step streams the weights (bf16: ~10-11 ms on 2 cores at ~2K context; float32 ~24);
+    # each more row of a draft tree adds its compute, ~1.5 ms (the prompt's K/V shared by the
+    # rows): on 24 held-out COVID-QA questions in bf16, 1 draft gave Lookahead 1.33x, 2 1.37x,
+    # 3 1.27x, 4 1.36x (eval/RESULTS_decode.md).
     draft_budget = 2
 
     def __init__(self, model: Transformer, lib: ctypes.CDLL):
@@ -171,8 +171,9 @@ class NativeDecodeStep:
             tail, tail_len = (x.to(torch.int32).contiguous() for x in tree_tails(mask, base, start))
         scores_width = (end + 15) // 16 * 16
         qkv_dim = (a.n_heads + 2 * a.n_kv_heads) * a.head_dim
-        per_row = a.dim + 3 * a.ffn_dim + qkv_dim + a.n_heads * a.head_dim + a.n_heads * scores_width + width + a.ffn_dim
-        scratch = torch.empty(t * per_row, dtype=torch.float32)
+        per_row = (a.dim + 3 * a.ffn_dim + qkv_dim + a.n_heads * a.head_dim + a.n_heads * scores_width
+                   + a.n_heads + width + 1 + a.ffn_dim)
+        scratch = torch.empty(t * per_row + 16, dtype=torch.float32)  # + 16: room to align
         n_out = t if all_logits else 1
         logits = torch.empty(n_out, a.vocab_size, dtype=torch.float32)
         rc = self.run(

@@ -58,12 +58,21 @@ def test_native_steps_are_as_close_to_transformers_as_the_pytorch_step(lm, parag
     assert agree["native"] >= agree["pytorch"] - 1 / 23, agree
 
 
-def test_native_tree_rows_are_bitwise_plain_steps(lm):
+@pytest.mark.parametrize("long", [False, True], ids=["short", "long"])
+def test_native_tree_rows_are_bitwise_plain_steps(lm, paragraphs, long, request):
     """One masked pass over a two-branch tree gives every node exactly (bitwise) the logits and
-    K/V of plain one-token steps: the precondition for lossless Lookahead."""
+    K/V of plain one-token steps: the precondition for lossless Lookahead. Long: a prompt of
+    over 300 tokens (its keys and values shared by the rows in several blocks), on two threads,
+    and plain steps whose prompt (base) is all their past, ending in other 16-key blocks."""
     model, tok = lm.model, lm.tokenizer
     step = native_step.for_model(model)
     ids = tok.encode_text("The Saltmere lighthouse stands on a granite cliff above the harbour. Its first keeper")
+    if long:
+        past = tok.encode_text(paragraphs[0] + "\n\n" + paragraphs[1])
+        ids = past[:300 + (14 - 300 - len(ids) + 1) % 16] + ids  # the tree's base: 14 past a block start
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)  # the step runs on torch's thread count
+        request.addfinalizer(lambda: torch.set_num_threads(threads))
     n = len(ids)
     a, b = tok.encode_text(" was Josiah"), tok.encode_text(", a sailor")
 
@@ -74,7 +83,8 @@ def test_native_tree_rows_are_bitwise_plain_steps(lm):
 
     def plain(branch: list[int]):
         cache = prefilled()
-        rows = [step(torch.tensor([t]), cache, n - 1 + i, base=n - 1)[0] for i, t in enumerate([ids[-1], *branch])]
+        base = None if long else n - 1
+        rows = [step(torch.tensor([t]), cache, n - 1 + i, base=base)[0] for i, t in enumerate([ids[-1], *branch])]
         return torch.stack(rows), cache
 
     cache = prefilled()

@@ -134,6 +134,9 @@ static inline v16f reduce16(v16f *a) {
 
 #define MAX_GROUP 8 /* query heads per KV head */
 #define HEAD_DIM 64 /* fixed, so that every loop over it unrolls and the accumulators stay in registers */
+#define KEY_BLOCKS 8 /* attention: prompt key blocks (of 16 keys) per job of scores */
+#define PV_MAX_ROWS 6 /* attention: rows whose P.V accumulators (~24 of the 32 registers) a job holds at once */
+#define PV_ROWS(G) ((G) >= 6 ? 1 : 6 / (G))
 
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)

@@ -78,90 +78,192 @@ static void SFX(rms_norm)(const float *x, const W *w, int n, int dim, float eps,
     }
 }
 
-/* Attention of one row's `group` query heads (q: [group, hd], consecutive) that share a KV head,
-   over the prompt slots [0, base) and the row's own tail slots (tail[0..n_tail), in the order
-   a plain step reads them). k, v: the KV head's [slots, hd] (slot stride hd). The keys go 16
-   at a time: loaded (widened) as float32 once for all heads, each head's 16 dot products
-   reduced together. scores: [group, >= round16(n)] scratch; out: [group, hd]. */
-static inline __attribute__((always_inline)) void SFX(attend)(const float *q, const int group, const W *k,
-        const W *v, int base, const int32_t *tail, int n_tail, float scale, float *scores, int width, float *out) {
-    const int hd = HEAD_DIM, n = base + n_tail, chunks = HEAD_DIM / 16;
-    float kb[16 * HEAD_DIM];
-    v16f part[16];
-    for (int j0 = 0; j0 < n; j0 += 16) {
-        for (int jj = 0; jj < 16; jj++) {
-            int j = j0 + jj, slot = j < n ? (j < base ? j : tail[j - base]) : 0;
-            for (int c = 0; c < chunks; c++) {
-                v16f kv = LOAD_W(k + (size_t)slot * hd + 16 * c);
-                memcpy(kb + jj * hd + 16 * c, &kv, sizeof kv);
-            }
-        }
-        for (int h = 0; h < group; h++) {
-            const float *qh = q + h * hd;
-            for (int jj = 0; jj < 16; jj++) {
-                v16f acc = load_f32(qh) * load_f32(kb + jj * hd);
-                for (int c = 1; c < chunks; c++) acc += load_f32(qh + 16 * c) * load_f32(kb + jj * hd + 16 * c);
-                part[jj] = acc;
-            }
-            v16f sc = reduce16(part) * scale;
-            memcpy(scores + (size_t)h * width + j0, &sc, sizeof sc);
+/* Attention of a layer's rows, sharing the prompt: a KV head's prompt slots [0, base) are
+   read and widened once for all rows and their query heads, not once per row (for a tree of
+   t rows that was t passes over the whole prompt's K/V). Every (row, head) is still computed
+   exactly as a plain one-row step would: the same score per key, the same softmax, the same
+   P.V sums in the same slot order (prompt slots, then the row's tail), so a tree's rows stay
+   bitwise plain steps.
+
+   The keys go 16 at a time, widened to float32 into kb [16, HEAD_DIM]. */
+static inline void SFX(load_keys)(const W *k, int j0, int n, int base, const int32_t *tail, float *kb) {
+    for (int jj = 0; jj < 16; jj++) {
+        int j = j0 + jj, slot = j < n ? (j < base ? j : tail[j - base]) : 0;
+        for (int c = 0; c < HEAD_DIM / 16; c++) {
+            v16f kv = LOAD_W(k + (size_t)slot * HEAD_DIM + 16 * c);
+            memcpy(kb + jj * HEAD_DIM + 16 * c, &kv, sizeof kv);
         }
     }
-    int padded = (n + 15) & ~15;
-    float inv[MAX_GROUP];
-    for (int h = 0; h < group; h++) {
-        float *sh = scores + (size_t)h * width;
-        for (int j = n; j < padded; j++) sh[j] = -INFINITY;
-        v16f vmax = load_f32(sh);
-        for (int j = 16; j < padded; j += 16) {
-            v16f x = load_f32(sh + j);
-            vmax = blend_lanes(x > vmax, x, vmax);
-        }
-        float mx = vmax[0];
-        for (int i = 1; i < 16; i++) mx = vmax[i] > mx ? vmax[i] : mx;
-        v16f sum = {0};
-        for (int j = 0; j < padded; j += 16) {
-            v16f e = vexp(load_f32(sh + j) - mx);
-            memcpy(sh + j, &e, sizeof e);
-            sum += e;
-        }
-        inv[h] = 1.0f / hsum(sum);
-    }
-    v16f acc[MAX_GROUP][HEAD_DIM / 16] = {{{0}}};
-    for (int j = 0; j < n; j++) {
-        const W *vj = v + (size_t)(j < base ? j : tail[j - base]) * hd;
-        v16f vrow[HEAD_DIM / 16];
-        for (int c = 0; c < chunks; c++) vrow[c] = LOAD_W(vj + 16 * c);
-        for (int h = 0; h < group; h++) {
-            float p = scores[(size_t)h * width + j];
-            for (int c = 0; c < chunks; c++) acc[h][c] += p * vrow[c];
-        }
-    }
-    for (int h = 0; h < group; h++)
-        for (int c = 0; c < chunks; c++) {
-            v16f o = acc[h][c] * inv[h];
-            memcpy(out + h * hd + 16 * c, &o, sizeof o);
-        }
 }
 
-/* attend with the group size a compile-time constant (one copy per size). */
-#define ATTEND_GROUP(G)                                                                                    \
-    static void SFX(attend_##G)(const float *q, const W *k, const W *v, int base, const int32_t *tail,     \
-                                int n_tail, float scale, float *scores, int width, float *out) {           \
-        SFX(attend)(q, G, k, v, base, tail, n_tail, scale, scores, width, out);                            \
+/* One query's 16 scores against kb. Not inlined: one copy of the code, so a key's score is
+   the same bits whichever pass (shared prompt block or a row's own block) computes it. Each
+   lane of reduce16 sums one key's products, so the blocking doesn't matter either. */
+static __attribute__((noinline)) v16f SFX(score16)(const float *q, const float *kb, float scale) {
+    v16f part[16];
+    for (int jj = 0; jj < 16; jj++) {
+        v16f acc = load_f32(q) * load_f32(kb + jj * HEAD_DIM);
+        for (int c = 1; c < HEAD_DIM / 16; c++) acc += load_f32(q + 16 * c) * load_f32(kb + jj * HEAD_DIM + 16 * c);
+        part[jj] = acc;
     }
-ATTEND_GROUP(1)
-ATTEND_GROUP(2)
-ATTEND_GROUP(3)
-ATTEND_GROUP(4)
-ATTEND_GROUP(5)
-ATTEND_GROUP(6)
-ATTEND_GROUP(7)
-ATTEND_GROUP(8)
-static void (*const SFX(ATTEND)[MAX_GROUP + 1])(const float *, const W *, const W *, int, const int32_t *, int, float,
-                                                 float *, int, float *) = {
-    0, SFX(attend_1), SFX(attend_2), SFX(attend_3), SFX(attend_4),
-    SFX(attend_5), SFX(attend_6), SFX(attend_7), SFX(attend_8)};
+    return reduce16(part) * scale;
+}
+
+/* Softmax numerators of one (row, head)'s scores sh [n, padded to 16], in place: the max,
+   then exp(s - max) summed in 16-lane vectors; returns 1 / sum. */
+static float SFX(softmax)(float *sh, int n) {
+    int padded = (n + 15) & ~15;
+    for (int j = n; j < padded; j++) sh[j] = -INFINITY;
+    v16f vmax = load_f32(sh);
+    for (int j = 16; j < padded; j += 16) {
+        v16f x = load_f32(sh + j);
+        vmax = blend_lanes(x > vmax, x, vmax);
+    }
+    float mx = vmax[0];
+    for (int i = 1; i < 16; i++) mx = vmax[i] > mx ? vmax[i] : mx;
+    v16f sum = {0};
+    for (int j = 0; j < padded; j += 16) {
+        v16f e = vexp(load_f32(sh + j) - mx);
+        memcpy(sh + j, &e, sizeof e);
+        sum += e;
+    }
+    return 1.0f / hsum(sum);
+}
+
+/* P.V of R rows (R and the group size G compile-time constants, so the R*G*4 accumulators
+   stay in registers) for one KV head: v [slots, HEAD_DIM]; p: the softmax numerators [R, nh,
+   width], inv [R, nh] and out [R, nh, HEAD_DIM], each offset to the KV head's first query
+   head. Each prompt slot's values are widened once for all R*G (row, head)s, then each row
+   goes on over its own tail: for every (row, head) the sum runs j = 0..n-1 in order, as a
+   plain step's. */
+static inline __attribute__((always_inline)) void SFX(pv)(const int R, const int G, const W *v, int base,
+        const int32_t *tails, int tail_width, const int *n_tail, const float *p, int width, const float *inv,
+        int nh, float *out) {
+    const int chunks = HEAD_DIM / 16;
+    v16f acc[PV_MAX_ROWS][MAX_GROUP][HEAD_DIM / 16] = {{{{0}}}}, vj[HEAD_DIM / 16];
+    for (int j = 0; j < base; j++) {
+        for (int c = 0; c < chunks; c++) vj[c] = LOAD_W(v + (size_t)j * HEAD_DIM + 16 * c);
+        for (int r = 0; r < R; r++)
+            for (int h = 0; h < G; h++)
+                for (int c = 0; c < chunks; c++) acc[r][h][c] += p[((size_t)r * nh + h) * width + j] * vj[c];
+    }
+    for (int r = 0; r < R; r++) {
+        const int32_t *tr = tails + (size_t)r * tail_width;
+        for (int j = base; j < base + n_tail[r]; j++) {
+            for (int c = 0; c < chunks; c++) vj[c] = LOAD_W(v + (size_t)tr[j - base] * HEAD_DIM + 16 * c);
+            for (int h = 0; h < G; h++)
+                for (int c = 0; c < chunks; c++) acc[r][h][c] += p[((size_t)r * nh + h) * width + j] * vj[c];
+        }
+        for (int h = 0; h < G; h++)
+            for (int c = 0; c < chunks; c++) {
+                v16f o = acc[r][h][c] * inv[(size_t)r * nh + h];
+                memcpy(out + ((size_t)r * nh + h) * HEAD_DIM + 16 * c, &o, sizeof o);
+            }
+    }
+}
+
+/* pv with the group size compile-time (one copy per size), for m <= PV_ROWS(G) rows. */
+#define PV_CASE(G, R)                                                                                             \
+    case R:                                                                                                       \
+        if (PV_ROWS(G) >= R) SFX(pv)(R, G, v, base, tails, tail_width, n_tail, p, width, inv, nh, out);           \
+        break;
+#define PV_GROUP(G)                                                                                               \
+    static void SFX(pv_##G)(int m, const W *v, int base, const int32_t *tails, int tail_width, const int *n_tail, \
+                            const float *p, int width, const float *inv, int nh, float *out) {                    \
+        switch (m) { PV_CASE(G, 1) PV_CASE(G, 2) PV_CASE(G, 3) PV_CASE(G, 4) PV_CASE(G, 5) PV_CASE(G, 6) }        \
+    }
+PV_GROUP(1)
+PV_GROUP(2)
+PV_GROUP(3)
+PV_GROUP(4)
+PV_GROUP(5)
+PV_GROUP(6)
+PV_GROUP(7)
+PV_GROUP(8)
+static void (*const SFX(PV)[MAX_GROUP + 1])(int, const W *, int, const int32_t *, int, const int *, const float *, int,
+                                             const float *, int, float *) = {
+    0, SFX(pv_1), SFX(pv_2), SFX(pv_3), SFX(pv_4), SFX(pv_5), SFX(pv_6), SFX(pv_7), SFX(pv_8)};
+
+/* Scores of rows r < t for the query heads of KV head g (k: its keys) against the prompt's
+   full 16-key blocks [b0, b1): each block widened once for every row and head. */
+static void SFX(prompt_scores)(const float *qkv, int qkv_dim, int t, int nh, int group, int g, const W *k, int b0,
+                               int b1, float scale, float *scores, int width) {
+    float kb[16 * HEAD_DIM];
+    for (int b = b0; b < b1; b++) {
+        SFX(load_keys)(k, 16 * b, 16 * b + 16, 16 * b + 16, 0, kb); /* all prompt slots */
+        for (int r = 0; r < t; r++)
+            for (int head = g * group; head < (g + 1) * group; head++) {
+                v16f sc = SFX(score16)(qkv + (size_t)r * qkv_dim + head * HEAD_DIM, kb, scale);
+                memcpy(scores + ((size_t)r * nh + head) * width + 16 * b, &sc, sizeof sc);
+            }
+    }
+}
+
+/* Row r's other scores for KV head g: slots [16 * shared, n), the last partial prompt block
+   and its tail. */
+static void SFX(row_scores)(const float *q, int group, int g, const W *k, int shared, int base,
+                            const int32_t *tail, int n, float scale, float *scores, int width) {
+    float kb[16 * HEAD_DIM];
+    for (int j0 = 16 * shared; j0 < n; j0 += 16) {
+        SFX(load_keys)(k, j0, n, base, tail, kb);
+        for (int head = g * group; head < (g + 1) * group; head++) {
+            v16f sc = SFX(score16)(q + head * HEAD_DIM, kb, scale);
+            memcpy(scores + (size_t)head * width + j0, &sc, sizeof sc);
+        }
+    }
+}
+
+/* Rows r0..r0+m of KV head g (v: its values): each (row, head)'s softmax, then P.V. */
+static void SFX(softmax_pv)(int r0, int m, int nh, int group, int g, const W *v, int base, const int32_t *tails,
+                            int tail_width, const int *n_tail, float *scores, float *inv, int width, float *att) {
+    for (int r = r0; r < r0 + m; r++)
+        for (int head = g * group; head < (g + 1) * group; head++)
+            inv[(size_t)r * nh + head] = SFX(softmax)(scores + ((size_t)r * nh + head) * width, base + n_tail[r]);
+    size_t first = (size_t)r0 * nh + g * group; /* (row r0, the KV head's first query head) */
+    SFX(PV)[group](m, v, base, tails + (size_t)r0 * tail_width, tail_width, n_tail + r0, scores + first * width,
+                   width, inv + first, nh, att + first * HEAD_DIM);
+}
+
+/* One layer's attention for rows r < t: q in qkv (rows of qkv_dim), k/v the layer's KV heads
+   (head stride hs); row r reads the prompt [0, base) and tails[r * tail_width ..
+   + n_tail[r]). scores: [t, nh, width]; inv: [t, nh]; att: [t, nh * HEAD_DIM]. Called inside
+   an OpenMP parallel region. */
+static void SFX(attention)(const float *qkv, int qkv_dim, int t, int nh, int kh, const W *k, const W *v,
+                           int64_t hs, int base, const int32_t *tails, int tail_width, const int *n_tail,
+                           float scale, float *scores, float *inv, int width, float *att) {
+    const int group = nh / kh, shared = base / 16, spans = (shared + KEY_BLOCKS - 1) / KEY_BLOCKS;
+    const int passes = (t + PV_ROWS(group) - 1) / PV_ROWS(group), rows = (t + passes - 1) / passes;
+    if (t == 1) { /* a plain step: nothing to share, a job per KV head, no waiting between passes */
+#pragma omp for schedule(dynamic)
+        for (int g = 0; g < kh; g++) {
+            SFX(prompt_scores)(qkv, qkv_dim, 1, nh, group, g, k + g * hs, 0, shared, scale, scores, width);
+            SFX(row_scores)(qkv, group, g, k + g * hs, shared, base, tails, base + n_tail[0], scale, scores, width);
+            SFX(softmax_pv)(0, 1, nh, group, g, v + g * hs, base, tails, tail_width, n_tail, scores, inv, width, att);
+        }
+        return;
+    }
+    /* 1. Scores: the prompt's blocks, KEY_BLOCKS at a time, for every row; then each row's rest. */
+#pragma omp for schedule(dynamic)
+    for (int job = 0; job < kh * spans + t * kh; job++) {
+        if (job < kh * spans) {
+            int g = job / spans, b0 = job % spans * KEY_BLOCKS;
+            int b1 = b0 + KEY_BLOCKS < shared ? b0 + KEY_BLOCKS : shared;
+            SFX(prompt_scores)(qkv, qkv_dim, t, nh, group, g, k + g * hs, b0, b1, scale, scores, width);
+        } else {
+            int r = (job - kh * spans) / kh, g = (job - kh * spans) % kh;
+            SFX(row_scores)(qkv + (size_t)r * qkv_dim, group, g, k + g * hs, shared, base,
+                            tails + (size_t)r * tail_width, base + n_tail[r], scale, scores + (size_t)r * nh * width,
+                            width);
+        }
+    }
+    /* 2. Softmax and P.V by (KV head, block of rows). */
+#pragma omp for schedule(dynamic)
+    for (int job = 0; job < kh * passes; job++) {
+        int g = job / passes, r0 = job % passes * rows;
+        SFX(softmax_pv)(r0, t - r0 < rows ? t - r0 : rows, nh, group, g, v + g * hs, base, tails, tail_width, n_tail,
+                        scores, inv, width, att);
+    }
+}
 
 /* Tokens ids[0..t) at slots start..start+t (positions pos[]) through every layer.
 
@@ -180,9 +282,10 @@ int SFX(kvrag_decode_step)(const Model *m, const int64_t *ids, const int64_t *po
     const float scale = 1.0f / sqrtf((float)hd);
     float *x = scratch, *h = x + (size_t)t * dim, *qkv = h + (size_t)t * ffn,
           *att = qkv + (size_t)t * qkv_dim, *gate = att + (size_t)t * nh * hd, *up = gate + (size_t)t * ffn,
-          *scores = up + (size_t)t * ffn;
-    int32_t *plain = (int32_t *)(scores + (size_t)t * nh * scores_width); /* tails of a plain step */
-    X *xb = (X *)(plain + (size_t)t * (start - base + t)); /* a linear's input, in its type */
+          *scores = up + (size_t)t * ffn, *inv = scores + (size_t)t * nh * scores_width;
+    int32_t *plain = (int32_t *)(inv + (size_t)t * nh); /* tails of a plain step */
+    int32_t *n_tail = plain + (size_t)t * (start - base + t);
+    X *xb = (X *)(((uintptr_t)(n_tail + t) + 63) & ~(uintptr_t)63); /* a linear's input, its type, 64-aligned */
     const W *embed = m->embed, *final_norm = m->norm, *lm_head = m->lm_head;
 
     if (!tail) {
@@ -190,6 +293,8 @@ int SFX(kvrag_decode_step)(const Model *m, const int64_t *ids, const int64_t *po
         for (int r = 0; r < t; r++)
             for (int j = 0; j < tail_width; j++) plain[r * tail_width + j] = base + j;
     }
+    const int32_t *tails = tail ? tail : plain;
+    for (int r = 0; r < t; r++) n_tail[r] = tail ? tail_len[r] : start - base + r + 1;
     for (int r = 0; r < t; r++)
         for (int i = 0; i < dim; i++) x[(size_t)r * dim + i] = W_TO_F32(embed[ids[r] * dim + i]);
 
@@ -211,15 +316,9 @@ int SFX(kvrag_decode_step)(const Model *m, const int64_t *ids, const int64_t *po
                 }
             }
         }
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (int job = 0; job < t * kh; job++) {
-            int r = job / kh, g = job % kh;
-            const int32_t *tr = tail ? tail + (size_t)r * tail_width : plain + (size_t)r * tail_width;
-            int n_tail = tail ? tail_len[r] : start - base + r + 1;
-            SFX(ATTEND)[group](qkv + (size_t)r * qkv_dim + g * group * hd, kl + g * head_stride, vl + g * head_stride,
-                   base, tr, n_tail, scale, scores + (size_t)(r * nh + g * group) * scores_width, scores_width,
-                   att + ((size_t)r * nh + g * group) * hd);
-        }
+#pragma omp parallel num_threads(threads)
+        SFX(attention)(qkv, qkv_dim, t, nh, kh, kl, vl, head_stride, base, tails, tail_width, n_tail, scale, scores,
+                       inv, scores_width, att);
         SFX(linear)((const W *)w[3], 0, att, xb, t, nh * hd, dim, h, threads);
         for (size_t i = 0; i < (size_t)t * dim; i++) x[i] += h[i];
         SFX(rms_norm)(x, (const W *)w[4], t, dim, m->eps, h);
@@ -240,4 +339,5 @@ int SFX(kvrag_decode_step)(const Model *m, const int64_t *ids, const int64_t *po
 }
 
 #undef DOT_ROWS
-#undef ATTEND_GROUP
+#undef PV_GROUP
+#undef PV_CASE
