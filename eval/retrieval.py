@@ -3,7 +3,8 @@
 Each chunker cuts every corpus; the chunks are embedded (identical texts once)
 into one in-memory FAISS index with ids in corpus-then-position order, so exact
 ties (finance.md repeats whole sections) go to the earlier copy. Each question
-retrieves its top k, scored at the character level (eval.metrics_retrieval).
+retrieves its top k as the service does (rag.retriever: dense, or hybrid with BM25),
+scored at the character level (eval.metrics_retrieval).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import csv
 import json
 import logging
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +24,11 @@ from tqdm import tqdm
 from eval.boundary import boundary_clarity, sample_pairs
 from eval.metrics_retrieval import ChunkLocator, Located, mean_scores, score_question
 from eval.report import markdown_table, num, pct, scatter_plot, text
+from rag.config import Settings
 
 log = logging.getLogger(__name__)
+
+RETRIEVALS = typing.get_args(Settings.model_fields["retrieval"].annotation)
 
 # Chroma's published all-MiniLM-L6-v2, k=5 results (recall, IoU), for the plot.
 CHROMA_REFS = (
@@ -76,16 +81,23 @@ class EmbeddingCache:
 
 
 def evaluate_chunks(chunks: list[Located], corpora: dict[str, str], questions: list[Question],
-                    q_vecs: np.ndarray, cache: EmbeddingCache, k: int, progress: bool = False) -> dict:
+                    q_vecs: np.ndarray, cache: EmbeddingCache, k: int, retrieval: str = "dense",
+                    progress: bool = False) -> dict:
+    """Mean scores of the questions' top k, retrieved as the service does (rag.retriever)."""
+    from rag.lexical_index import LexicalIndex
+    from rag.retriever import Retriever
     from rag.vector_index import VectorIndex
 
-    vecs = cache.embed([corpora[c.corpus][c.start:c.end] for c in chunks], progress=progress)
+    texts = [corpora[c.corpus][c.start:c.end] for c in chunks]
+    vecs = cache.embed(texts, progress=progress)
     index = VectorIndex(vecs.shape[1])
-    index.add(list(range(len(chunks))), vecs)  # ids in corpus/position order: ties go to the earlier chunk
+    ids = list(range(len(chunks)))  # corpus/position order: ties go to the earlier chunk
+    index.add(ids, vecs)
+    retriever = Retriever(index, LexicalIndex(ids, texts) if retrieval == "hybrid" else None)
     locator = ChunkLocator(chunks)
     scores = []
     for q, v in zip(questions, q_vecs, strict=True):
-        hits = [chunks[i] for i, _ in index.search(v, k)]
+        hits = [chunks[i] for i, _ in retriever.search(v, q.text, k)]
         touching = {c for x in q.excerpts for c in locator.touching(x)}
         scores.append(score_question(q.excerpts, hits, sorted(touching, key=lambda c: (c.start, c.end))))
     return mean_scores(scores)
@@ -93,13 +105,15 @@ def evaluate_chunks(chunks: list[Located], corpora: dict[str, str], questions: l
 
 def run_retrieval_eval(corpora_dir: Path | str, questions_csv: Path | str, chunkers: list[str],
                        chunk_sizes: int | list[int], k: int, out_json: Path | str, settings, progress: bool = True,
-                       boundary_pairs: int = 32, chunker_options: dict | None = None) -> list[dict]:
-    """Evaluate each chunker at each size; writes OUT.json (an object for one row, else a list,
-    plus OUT.md and OUT.png).
+                       boundary_pairs: int = 32, chunker_options: dict | None = None,
+                       retrievals: list[str] | None = None) -> list[dict]:
+    """Evaluate each chunker at each size with each retrieval (default: the service's); writes
+    OUT.json (an object for one row, else a list, plus OUT.md and OUT.png).
 
     A Meta-Chunking chunker's LLM signal does not depend on the size, so it is computed at the
     first size and reused (the scorer's memo) at the others: rows whose LLM answers came from
-    the memo time only the merging in `chunking_seconds` and leave `tokens_per_s` empty.
+    the memo time only the merging in `chunking_seconds` and leave `tokens_per_s` empty. The
+    retrievals of one chunker and size share its chunks (and their timing and boundary clarity).
     """
     import torch
 
@@ -108,6 +122,7 @@ def run_retrieval_eval(corpora_dir: Path | str, questions_csv: Path | str, chunk
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
     sizes = [chunk_sizes] if isinstance(chunk_sizes, int) else list(chunk_sizes)
+    retrievals = retrievals or [settings.retrieval]
     corpora = load_corpora(corpora_dir)
     questions = load_questions(questions_csv)
     missing = {x.corpus for q in questions for x in q.excerpts} - set(corpora)
@@ -122,28 +137,37 @@ def run_retrieval_eval(corpora_dir: Path | str, questions_csv: Path | str, chunk
     for name in chunkers:
         for size in sizes:
             asked_before = resources.scorer.memo_hits if needs_lm else 0
-            row, spans = _evaluate_chunker(name, size, corpora, questions, q_vecs, cache, resources, k,
-                                           settings.chunk_overlap, (chunker_options or {}).get(name, {}), progress)
+            chunking, spans = _chunk(name, size, corpora, resources, settings.chunk_overlap,
+                                     (chunker_options or {}).get(name, {}), progress)
             reused = needs_lm and resources.scorer.memo_hits > asked_before  # the LLM answered from memory
-            row["tokens_per_s"] = (round(llm_tokens / row["chunking_seconds"], 1)
-                                   if llm_tokens and row["chunking_seconds"] > 0 and not reused else None)
+            chunking["tokens_per_s"] = (round(llm_tokens / chunking["chunking_seconds"], 1)
+                                        if llm_tokens and chunking["chunking_seconds"] > 0 and not reused else None)
             if boundary_pairs > 0:
                 t2 = time.perf_counter()
                 pairs = sample_pairs(spans, boundary_pairs)
                 bc = boundary_clarity(corpora, pairs, resources.scorer)
-                row.update(boundary_clarity=None if bc is None else round(bc, 4), boundary_pairs=len(pairs),
-                           boundary_seconds=round(time.perf_counter() - t2, 2))
-            log.info("%s", row)
-            results.append(row)
+                chunking.update(boundary_clarity=None if bc is None else round(bc, 4), boundary_pairs=len(pairs),
+                                boundary_seconds=round(time.perf_counter() - t2, 2))
+            chunks = [Located(cid, s, e) for cid, ss in spans.items() for s, e in ss]
+            for retrieval in retrievals:
+                t1 = time.perf_counter()
+                scores = evaluate_chunks(chunks, corpora, questions, q_vecs, cache, k, retrieval)
+                row = {"chunker": name, "chunk_size": size, "retrieval": retrieval, "k": k,
+                       "n_questions": len(questions), **chunking, **{m: round(v, 4) for m, v in scores.items()},
+                       "retrieval_seconds": round(time.perf_counter() - t1, 2)}
+                if progress:  # one line per row, also when the output is a log file
+                    tqdm.write(f"{name} {size} {retrieval}: {row['n_chunks']} chunks in "
+                               f"{row['chunking_seconds']:.0f} s, recall {row['recall']:.3f}, IoU {row['iou']:.3f}")
+                log.info("%s", row)
+                results.append(row)
     full_benchmark = set(corpora) == {"chatlogs", "finance", "pubmed", "state_of_the_union", "wikitexts"}
     write_outputs(results, Path(out_json), chroma_refs=full_benchmark)
     return results
 
 
-def _evaluate_chunker(name: str, size: int, corpora: dict[str, str], questions: list[Question], q_vecs: np.ndarray,
-                      cache: EmbeddingCache, resources, k: int, overlap: int, options: dict,
-                      progress: bool) -> tuple[dict, dict[str, list]]:
-    """One chunker at one size: its row of scores and the spans it cut, by corpus."""
+def _chunk(name: str, size: int, corpora: dict[str, str], resources, overlap: int, options: dict,
+           progress: bool) -> tuple[dict, dict[str, list]]:
+    """One chunker at one size over every corpus: its chunk statistics and the spans it cut, by corpus."""
     from ingest.chunkers import make_chunker
 
     chunker = make_chunker(name, resources, size, overlap, **options)
@@ -152,27 +176,18 @@ def _evaluate_chunker(name: str, size: int, corpora: dict[str, str], questions: 
     for cid, body in tqdm(corpora.items(), desc=f"chunk {name} {size}", disable=not progress):
         spans[cid] = chunker.split(body)
     seconds = time.perf_counter() - t0
-    chunks = [Located(cid, s, e) for cid, ss in spans.items() for s, e in ss]
-    for c in chunks:  # every chunk is an exact span of its corpus
-        assert 0 <= c.start < c.end <= len(corpora[c.corpus]), c
-    t1 = time.perf_counter()
-    scores = evaluate_chunks(chunks, corpora, questions, q_vecs, cache, k, progress=False)
-    n_tokens = [resources.embedder.count_tokens(corpora[c.corpus][c.start:c.end]) for c in chunks]
-    row = {
-        "chunker": name, "chunk_size": size, "k": k, "n_questions": len(questions),
-        "n_chunks": len(chunks), "mean_chunk_tokens": round(sum(n_tokens) / max(1, len(chunks)), 1),
-        "chunking_seconds": round(seconds, 2), **{m: round(v, 4) for m, v in scores.items()},
-        "embedding_seconds": round(time.perf_counter() - t1, 2),
-    }
-    if progress:  # one line per run, also when the output is a log file
-        tqdm.write(f"{name} {size}: {len(chunks)} chunks in {seconds:.0f} s, recall {row['recall']:.3f}, "
-                   f"IoU {row['iou']:.3f}")
-    return row, spans
+    texts = [corpora[cid][s:e] for cid, ss in spans.items() for s, e in ss]
+    for cid, ss in spans.items():  # every chunk is an exact span of its corpus
+        for s, e in ss:
+            assert 0 <= s < e <= len(corpora[cid]), (cid, s, e)
+    n_tokens = [resources.embedder.count_tokens(t) for t in texts]
+    return {"n_chunks": len(texts), "mean_chunk_tokens": round(sum(n_tokens) / max(1, len(texts)), 1),
+            "chunking_seconds": round(seconds, 2)}, spans
 
 
 COLUMNS = [
-    ("chunker", "chunker", text), ("chunk_size", "size", text), ("mean_chunk_tokens", "mean tokens", num(0)),
-    ("n_chunks", "chunks", text), ("recall", "recall %", pct), ("precision", "precision %", pct),
+    ("chunker", "chunker", text), ("chunk_size", "size", text), ("retrieval", "retrieval", text),
+    ("mean_chunk_tokens", "mean tokens", num(0)), ("n_chunks", "chunks", text), ("recall", "recall %", pct), ("precision", "precision %", pct),
     ("precision_omega", "precision Ω %", pct), ("iou", "IoU %", pct),
     ("boundary_clarity", "boundary clarity", num(3)), ("chunking_seconds", "chunking s", num(1)),
     ("tokens_per_s", "tokens/s", num(0)),
@@ -188,8 +203,12 @@ def write_outputs(results: list[dict], out_json: Path, chroma_refs: bool = True)
         out_json.with_suffix(".md").write_text(markdown_table(results, COLUMNS))
         k = results[0]["k"]
         several_sizes = len({r["chunk_size"] for r in results}) > 1
-        scatter_plot(results, "iou", "recall", "chunk_size" if several_sizes else "chunker",
-                     out_json.with_suffix(".png"), series="chunker" if several_sizes else None,
+        several_retrievals = len({r["retrieval"] for r in results}) > 1
+        points = [{**r, "series": f"{r['chunker']}, {r['retrieval']}" if several_retrievals else r["chunker"]}
+                  for r in results]
+        grouped = several_sizes or several_retrievals
+        scatter_plot(points, "iou", "recall", "chunk_size" if grouped else "chunker",
+                     out_json.with_suffix(".png"), series="series" if grouped else None,
                      title=f"Chroma benchmark, all-MiniLM-L6-v2, k={k}", xlabel="IoU (%)",
                      ylabel=f"recall@{k} (%)",
                      refs=[(n, iou, r) for n, r, iou in CHROMA_REFS] if chroma_refs and k == 5 else [])
@@ -205,6 +224,14 @@ def _sizes(value: str) -> list[int]:
     return sizes
 
 
+def _retrievals(value: str) -> list[str]:
+    names = [x.strip() for x in value.split(",") if x.strip()]
+    if not names or any(n not in RETRIEVALS for n in names):
+        raise argparse.ArgumentTypeError(f"retrieval must be {' or '.join(RETRIEVALS)} (comma-separated), "
+                                         f"got {value!r}")
+    return names
+
+
 def add_eval_retrieval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from ingest.chunkers import CHUNKERS
 
@@ -215,6 +242,8 @@ def add_eval_retrieval_args(p: argparse.ArgumentParser) -> argparse.ArgumentPars
     p.add_argument("--chunk-size", type=_sizes, default=None,
                    help="target chunk size in embedder wordpieces, or a comma-separated list to sweep")
     p.add_argument("--k", type=int, default=5, help="chunks retrieved per question")
+    p.add_argument("--retrieval", type=_retrievals, default=None,
+                   help="dense, hybrid (dense fused with BM25), or both comma-separated; default: KVRAG_RETRIEVAL")
     p.add_argument("--json", dest="out_json", required=True, type=Path, help="output JSON (OUT.md, OUT.png beside it)")
     p.add_argument("--boundary-pairs", type=int, default=32,
                    help="adjacent chunk pairs sampled for boundary clarity (0: skip)")
@@ -224,7 +253,6 @@ def add_eval_retrieval_args(p: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def cmd_eval_retrieval(args: argparse.Namespace, settings=None) -> int:
     from ingest.chunkers import CHUNKERS
-    from rag.config import Settings
 
     settings = settings or Settings()
     names = list(CHUNKERS) if args.chunker == "all" else [c.strip() for c in args.chunker.split(",") if c.strip()]
@@ -233,7 +261,7 @@ def cmd_eval_retrieval(args: argparse.Namespace, settings=None) -> int:
             raise SystemExit(f"unknown chunker {n!r}; choose from {', '.join(CHUNKERS)} or all")
     results = run_retrieval_eval(args.corpora, args.questions, names, args.chunk_size or [settings.chunk_size],
                                  args.k, args.out_json, settings, progress=not args.no_progress,
-                                 boundary_pairs=args.boundary_pairs)
+                                 boundary_pairs=args.boundary_pairs, retrievals=args.retrieval)
     print(markdown_table(results, COLUMNS))
     return 0
 

@@ -107,7 +107,7 @@ class Citation(BaseModel):
     doc_id: str
     start: int
     end: int
-    score: float
+    score: float = Field(description="retrieval score: the fused rank score (hybrid) or the cosine (dense)")
     chunk_id: int
 
 

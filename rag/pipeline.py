@@ -23,7 +23,9 @@ from rag.embedder import Embedder
 from rag.engine import Engine
 from rag.index_store import IndexStore
 from rag.kv_stream import stream_chunk_kvs
+from rag.lexical_index import LexicalIndex
 from rag.model_loader import load_model
+from rag.retriever import Retriever
 from rag.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,7 @@ class RAG:
         self._index_lock = threading.Lock()
         self.docstore: Docstore
         self.index: VectorIndex
+        self.retriever: Retriever
         self.reload_index()
         self.engine: Engine | None = None
         self.store: TieredStore | None = None
@@ -94,8 +97,13 @@ class RAG:
         name = gen.name if gen else None
         if name == self._generation and hasattr(self, "docstore"):
             return False
+        docstore, index = self.index_store.open()
+        lexical = None
+        if self.settings.retrieval == "hybrid":
+            chunks = docstore.all_chunks()
+            lexical = LexicalIndex([c.chunk_id for c in chunks], [c.text for c in chunks])
         with self._index_lock:
-            self.docstore, self.index = self.index_store.open()
+            self.docstore, self.index, self.retriever = docstore, index, Retriever(index, lexical)
             self._generation = name
         return True
 
@@ -103,7 +111,7 @@ class RAG:
         self.reload_index()
         vec = self.embedder.embed([question])[0]
         with self._index_lock:
-            found = self.index.search(vec, k)
+            found = self.retriever.search(vec, question, k)
             chunks = self.docstore.get_chunks([cid for cid, _ in found])
         return [Hit(chunks[cid], score) for cid, score in found if cid in chunks]
 

