@@ -187,8 +187,8 @@ def _chunk(name: str, size: int, corpora: dict[str, str], resources, overlap: in
 
 COLUMNS = [
     ("chunker", "chunker", text), ("chunk_size", "size", text), ("retrieval", "retrieval", text),
-    ("mean_chunk_tokens", "mean tokens", num(0)), ("n_chunks", "chunks", text), ("recall", "recall %", pct), ("precision", "precision %", pct),
-    ("precision_omega", "precision Ω %", pct), ("iou", "IoU %", pct),
+    ("mean_chunk_tokens", "mean tokens", num(0)), ("n_chunks", "chunks", text), ("recall", "recall %", pct),
+    ("precision", "precision %", pct), ("precision_omega", "precision Ω %", pct), ("iou", "IoU %", pct),
     ("boundary_clarity", "boundary clarity", num(3)), ("chunking_seconds", "chunking s", num(1)),
     ("tokens_per_s", "tokens/s", num(0)),
 ]

@@ -103,7 +103,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     s = _settings(args)
     store = IndexStore(s.index_dir, Embedder(s.embedder).dim)
-    docstore, index = store.open()
+    docstore, index, _ = store.open()
     gen = store.current_dir()
     out = {**docstore.counts(), "index_vectors": len(index), "generation": gen.name if gen else None,
            "data_dir": str(s.data_dir)}

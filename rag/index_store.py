@@ -1,7 +1,7 @@
 """Index generations: the docstore and the FAISS index, replaced together, atomically.
 
 Each ingestion run writes a new generation directory (a copy of the current one
-plus its changes) and then flips the `CURRENT` file to name it (write + rename).
+plus its changes, and the BM25 index of its chunk texts) and then flips the `CURRENT` file to name it (write + rename).
 A crash or Ctrl-C before the flip leaves the previous generation untouched; the
 next run starts again from it. Readers open whatever CURRENT names.
 """
@@ -16,10 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from rag.docstore import Docstore
+from rag.lexical_index import LexicalIndex
 from rag.vector_index import VectorIndex
 
 DOCSTORE = "docstore.sqlite"
 FAISS = "faiss.index"
+BM25 = "bm25"
 
 
 class IndexStore:
@@ -34,12 +36,15 @@ class IndexStore:
         gen = self.root / pointer.read_text().strip()
         return gen if gen.is_dir() else None
 
-    def open(self) -> tuple[Docstore, VectorIndex]:
+    def open(self) -> tuple[Docstore, VectorIndex, LexicalIndex]:
         """The current generation for reading (an empty one if nothing was ingested yet)."""
         gen = self.current_dir()
         if gen is None:
-            return Docstore(":memory:"), VectorIndex(self.dim)
-        return Docstore(gen / DOCSTORE, readonly=True), VectorIndex.load(gen / FAISS, self.dim)
+            return Docstore(":memory:"), VectorIndex(self.dim), LexicalIndex([], [])
+        docstore = Docstore(gen / DOCSTORE, readonly=True)
+        # Generations committed before BM25 existed get theirs built here, once per process.
+        lexical = LexicalIndex.load(gen / BM25) if (gen / BM25).is_dir() else _lexical(docstore)
+        return docstore, VectorIndex.load(gen / FAISS, self.dim), lexical
 
     def _next_name(self) -> str:
         gens = [int(p.name.split("-")[1]) for p in self.root.glob("gen-*") if p.name.split("-")[1].isdigit()]
@@ -67,6 +72,7 @@ class IndexStore:
             index = VectorIndex.load(current / FAISS, self.dim) if current else VectorIndex(self.dim)
             yield docstore, index
             docstore.commit()
+            _lexical(docstore).save(new / BM25)
             docstore.close()
             index.save(new / FAISS)
             _fsync_dir(new)
@@ -81,6 +87,11 @@ class IndexStore:
             raise
         if current is not None:
             shutil.rmtree(current, ignore_errors=True)
+
+
+def _lexical(docstore: Docstore) -> LexicalIndex:
+    chunks = docstore.all_chunks()
+    return LexicalIndex([c.chunk_id for c in chunks], [c.text for c in chunks])
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,16 +1,17 @@
 """BM25 over the chunk texts (bm25s), the lexical half of hybrid retrieval.
 
 Exact terms (names, numbers, rare words) are what a small embedder blurs and what
-BM25 keys on. The index is derived from the docstore (rebuilt when an index
-generation is opened, a few ms per thousand chunks), so it needs no file of its own
-and commits atomically with the docstore by construction.
+BM25 keys on. Each index generation holds one, built from its docstore when the
+ingestion commits (rag/index_store.py; ~0.13 ms a chunk), so serving only loads it.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import bm25s
+import numpy as np
 import Stemmer
 
 logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets DEBUG: a line on every index build
@@ -38,6 +39,20 @@ class LexicalIndex:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir()
+        np.save(folder / "ids.npy", np.asarray(self.ids, dtype=np.int64))
+        if self.ids:
+            self.bm25.save(folder, show_progress=False)
+
+    @classmethod
+    def load(cls, folder: Path) -> LexicalIndex:
+        index = cls([], [])
+        index.ids = np.load(folder / "ids.npy").tolist()
+        if index.ids:
+            index.bm25 = bm25s.BM25.load(folder, show_progress=False)
+        return index
 
     def search(self, query: str, n: int) -> list[tuple[int, float]]:
         """Up to n (id, score), best first; only chunks that share a term with the query."""

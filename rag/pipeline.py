@@ -23,7 +23,6 @@ from rag.embedder import Embedder
 from rag.engine import Engine
 from rag.index_store import IndexStore
 from rag.kv_stream import stream_chunk_kvs
-from rag.lexical_index import LexicalIndex
 from rag.model_loader import load_model
 from rag.retriever import Retriever
 from rag.vector_index import VectorIndex
@@ -97,13 +96,10 @@ class RAG:
         name = gen.name if gen else None
         if name == self._generation and hasattr(self, "docstore"):
             return False
-        docstore, index = self.index_store.open()
-        lexical = None
-        if self.settings.retrieval == "hybrid":
-            chunks = docstore.all_chunks()
-            lexical = LexicalIndex([c.chunk_id for c in chunks], [c.text for c in chunks])
+        docstore, index, lexical = self.index_store.open()
+        retriever = Retriever(index, lexical if self.settings.retrieval == "hybrid" else None)
         with self._index_lock:
-            self.docstore, self.index, self.retriever = docstore, index, Retriever(index, lexical)
+            self.docstore, self.index, self.retriever = docstore, index, retriever
             self._generation = name
         return True
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -58,8 +60,11 @@ def test_generation_commits_atomically_and_ids_only_grow(tmp_path):
         add_doc(docstore, index, "b", "half written", [(0, 4)])
         raise RuntimeError("crash")
     assert store.current_dir() == before
-    docstore, index = store.open()
+    docstore, index, lexical = store.open()
     assert docstore.document_ids() == ["a"] and len(index) == 1
+    assert lexical.ids == second and [cid for cid, _ in lexical.search("delta", 5)] == second  # BM25 too
+    shutil.rmtree(before / "bm25")  # a generation committed before BM25 existed gets one built
+    assert [cid for cid, _ in store.open()[2].search("delta", 5)] == second
     for c in docstore.chunks_of("a"):
         assert c.text == docstore.get_document("a").text[c.start:c.end]
     assert [p.name for p in (tmp_path / "index").glob("gen-*")] == [before.name]

@@ -50,11 +50,12 @@ def write_docs(folder: Path, n: int, chars: int = 2500, corpus: str = "wikitexts
 
 
 def consistent(settings: Settings, dim: int = 384):
-    """The current generation: docstore chunk ids must equal FAISS ids."""
-    docstore, index = IndexStore(settings.index_dir, dim).open()
+    """The current generation: docstore chunk ids must equal FAISS ids (and BM25's)."""
+    docstore, index, lexical = IndexStore(settings.index_dir, dim).open()
     ds_ids = sorted(c.chunk_id for c in docstore.all_chunks())
     faiss_ids = sorted(int(i) for i in faiss.vector_to_array(index.index.id_map))
     assert ds_ids == faiss_ids
+    assert sorted(lexical.ids) == ds_ids
     for c in docstore.all_chunks():
         doc = docstore.get_document(c.doc_id)
         assert doc.text[c.start:c.end] == c.text
