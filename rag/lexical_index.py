@@ -22,6 +22,7 @@ CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 TOKEN_PATTERN = f"[{CJK}]|[^\\W{CJK}]{{2,}}"
 
 _stemmer = Stemmer.Stemmer("english")
+PARAMS = "params.index.json"  # one of the files BM25.save writes
 
 
 def terms(texts: list[str]) -> list[list[str]]:
@@ -33,9 +34,11 @@ def terms(texts: list[str]) -> list[list[str]]:
 class LexicalIndex:
     def __init__(self, ids: list[int], texts: list[str]):
         self.ids = list(ids)
-        self.bm25 = bm25s.BM25()
-        if self.ids:
-            self.bm25.index(terms(texts), show_progress=False)
+        self.bm25: bm25s.BM25 | None = None  # None: no chunk has a term ("0.1.0"), nothing can match
+        corpus = terms(texts)
+        if any(corpus):
+            self.bm25 = bm25s.BM25()
+            self.bm25.index(corpus, show_progress=False)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -43,20 +46,20 @@ class LexicalIndex:
     def save(self, folder: Path) -> None:
         folder.mkdir()
         np.save(folder / "ids.npy", np.asarray(self.ids, dtype=np.int64))
-        if self.ids:
+        if self.bm25 is not None:
             self.bm25.save(folder, show_progress=False)
 
     @classmethod
     def load(cls, folder: Path) -> LexicalIndex:
         index = cls([], [])
         index.ids = np.load(folder / "ids.npy").tolist()
-        if index.ids:
+        if (folder / PARAMS).exists():
             index.bm25 = bm25s.BM25.load(folder, show_progress=False)
         return index
 
     def search(self, query: str, n: int) -> list[tuple[int, float]]:
         """Up to n (id, score), best first; only chunks that share a term with the query."""
-        if not self.ids or n <= 0:
+        if self.bm25 is None or n <= 0:
             return []
         rows, scores = self.bm25.retrieve(terms([query]), k=min(n, len(self.ids)), show_progress=False)
         return [(self.ids[int(r)], float(s)) for r, s in zip(rows[0], scores[0], strict=True) if s > 0]

@@ -81,6 +81,7 @@ def test_lexical_index_finds_only_chunks_sharing_a_term():
     assert [cid for cid, _ in index.search("中国的首都在哪里", 5)] == [9]
     assert index.search("zebra", 5) == [] and index.search("", 5) == []
     assert LexicalIndex([], []).search("cat", 5) == []
+    assert LexicalIndex([1], ["0.1.0 a"]).search("0.1.0 a", 5) == []  # chunks without a single term
 
 
 def test_rrf_fuses_two_rankings_and_breaks_ties_by_id():
