@@ -10,8 +10,10 @@
    The activations stay float32 from the embedding to the logits; with bf16 weights, K/V
    are rounded to bf16 into the cache and a matmul's input to bf16 (as the model's bf16
    activations are). Built by rag/native_step.py with -O3 -march=native -fopenmp; the GCC
-   vector types below become AVX-512 or AVX2 code, whatever the CPU has. The typed part
-   (decode_step_typed.h) is compiled once per weight dtype. */
+   vector types below become AVX-512 or AVX2 code, whatever the CPU has. Without AVX-512 a
+   64-byte vector is no register type and GCC keeps every v16f on the stack, so the hot loops
+   (linears, scores, softmax, P.V) use 32-byte vectors there: on an AVX2 Zen 3 that made a
+   step 4x faster. The typed part (decode_step_typed.h) is compiled once per weight dtype. */
 
 #ifdef __AVX512BF16__
 #include <immintrin.h>
@@ -24,8 +26,16 @@ typedef float v16f __attribute__((vector_size(64)));
 typedef uint16_t v16h __attribute__((vector_size(32)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
 
-#define ROW_BLOCK 8 /* rows whose accumulators live in registers at once */
+#ifdef __AVX512F__
+#define ROW_BLOCK 8 /* rows whose accumulators live in registers at once (32 of them) */
+#else
+#define ROW_BLOCK 6 /* 16 registers: 12 accumulators, the weights, an input */
+#endif
 
 static inline v16f load_bf16(const uint16_t *p) {
     v16h h;
@@ -38,6 +48,22 @@ static inline v16f load_bf16(const uint16_t *p) {
 
 static inline v16f load_f32(const float *p) {
     v16f f;
+    memcpy(&f, p, sizeof f);
+    return f;
+}
+
+/* 8-lane loads, for the loops that must stay in registers without AVX-512. */
+static inline v8f load8_bf16(const uint16_t *p) {
+    v8h h;
+    memcpy(&h, p, sizeof h);
+    v8u u = __builtin_convertvector(h, v8u) << 16;
+    v8f f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline v8f load8_f32(const float *p) {
+    v8f f;
     memcpy(&f, p, sizeof f);
     return f;
 }
@@ -64,6 +90,14 @@ static inline float hsum(v16f v) { /* a fixed pairwise order */
     return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
+static inline float hsum8(v8f s8) { /* hsum's last two steps */
+    float s4[4];
+    for (int i = 0; i < 4; i++) s4[i] = s8[i] + s8[i + 4];
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+static inline float hsum_halves(v8f lo, v8f hi) { return hsum8(lo + hi); } /* hsum of the v16f (lo, hi) */
+
 static inline v16f blend_lanes(v16i mask, v16f a, v16f b) { /* mask ? a : b, lane by lane */
     v16i ia, ib;
     memcpy(&ia, &a, sizeof ia);
@@ -74,26 +108,67 @@ static inline v16f blend_lanes(v16i mask, v16f a, v16f b) { /* mask ? a : b, lan
     return f;
 }
 
-/* exp: Cephes-style range reduction and a degree-6 polynomial (~2 ulp); 0 below -87.3
-   (exp(-inf) = 0 for masked scores), clamped above 88.3. */
-static inline v16f vexp(v16f x) {
-    const v16f zero = {0}, lo = zero - 87.3f, hi = zero + 88.3f;
-    v16f xc = blend_lanes(x < lo, lo, blend_lanes(x > hi, hi, x));
-    const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to the nearest even integer */
-    v16f n = (xc * 1.44269504088896341f + magic) - magic;
-    v16f r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    v16f p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
-    v16i e = (__builtin_convertvector(n, v16i) + 127) << 23;
-    v16f scale;
-    memcpy(&scale, &e, sizeof scale);
-    return blend_lanes(x < lo, zero, p * scale);
+static inline v8f blend8(v8i mask, v8f a, v8f b) {
+    v8i ia, ib;
+    memcpy(&ia, &a, sizeof ia);
+    memcpy(&ib, &b, sizeof ib);
+    v8i r = (mask & ia) | (~mask & ib);
+    v8f f;
+    memcpy(&f, &r, sizeof f);
+    return f;
 }
+
+/* exp: Cephes-style range reduction and a degree-6 polynomial (~2 ulp); 0 below -87.3
+   (exp(-inf) = 0 for masked scores), clamped above 88.3. Defined for 16 and 8 lanes. */
+#define DEFINE_VEXP(NAME, VF, VI, BLEND)                                                   \
+    static inline VF NAME(VF x) {                                                          \
+        const VF zero = {0}, lo = zero - 87.3f, hi = zero + 88.3f;                         \
+        VF xc = BLEND(x < lo, lo, BLEND(x > hi, hi, x));                                   \
+        const float magic = 12582912.0f; /* 1.5 * 2^23: rounds to the nearest even */      \
+        VF n = (xc * 1.44269504088896341f + magic) - magic;                                \
+        VF r = xc - n * 0.693359375f;                                                      \
+        r = r - n * -2.12194440e-4f;                                                       \
+        VF p = r * 1.9875691500e-4f + 1.3981999507e-3f;                                    \
+        p = p * r + 8.3334519073e-3f;                                                      \
+        p = p * r + 4.1665795894e-2f;                                                      \
+        p = p * r + 1.6666665459e-1f;                                                      \
+        p = p * r + 5.0000001201e-1f;                                                      \
+        p = p * (r * r) + r + 1.0f;                                                        \
+        VI e = (__builtin_convertvector(n, VI) + 127) << 23;                               \
+        VF scale;                                                                          \
+        memcpy(&scale, &e, sizeof scale);                                                  \
+        return BLEND(x < lo, zero, p * scale);                                             \
+    }
+DEFINE_VEXP(vexp8, v8f, v8i, blend8)
+#ifdef __AVX512F__
+DEFINE_VEXP(vexp, v16f, v16i, blend_lanes)
+#else
+static inline v16f vexp(v16f x) { /* in halves, which stay in registers */
+    v8f h[2];
+    memcpy(h, &x, sizeof x);
+    h[0] = vexp8(h[0]);
+    h[1] = vexp8(h[1]);
+    memcpy(&x, h, sizeof x);
+    return x;
+}
+#endif
+
+/* The widest vector that is a register type: loops that need no particular width use it. */
+#ifdef __AVX512F__
+#define VW 16
+typedef v16f vf;
+#define load_vf load_f32
+#define blend_vf blend_lanes
+#define vexp_vf vexp
+#define hsum_vf hsum
+#else
+#define VW 8
+typedef v8f vf;
+#define load_vf load8_f32
+#define blend_vf blend8
+#define vexp_vf vexp8
+#define hsum_vf hsum8
+#endif
 
 static void rope(float *x, const float *cos, const float *sin, int half) {
     for (int i = 0; i < half; i++) {
@@ -132,6 +207,30 @@ static inline v16f reduce16(v16f *a) {
     return __builtin_shuffle(d[0], d[1], lo4) + __builtin_shuffle(d[0], d[1], hi4);
 }
 
+/* reduce16 on vectors given as 32-byte halves (lo: lanes 0-7, hi: 8-15), the same adds in the
+   same order; the 16 sums, times scale, go to out. Every step of reduce16 takes the low 8 lanes
+   of its result from its first operand and the high 8 from its second. */
+static inline void fold8(v8f xl, v8f xh, v8f yl, v8f yh, v8i plo, v8i phi, v8f *rl, v8f *rh) {
+    *rl = __builtin_shuffle(xl, xh, plo) + __builtin_shuffle(xl, xh, phi);
+    *rh = __builtin_shuffle(yl, yh, plo) + __builtin_shuffle(yl, yh, phi);
+}
+
+static inline void reduce16_halves(const v8f *lo, const v8f *hi, float scale, float *out) {
+    const v8i lo1 = {0, 1, 2, 3, 4, 5, 6, 7}, hi1 = {8, 9, 10, 11, 12, 13, 14, 15};
+    const v8i lo2 = {0, 1, 2, 3, 8, 9, 10, 11}, hi2 = {4, 5, 6, 7, 12, 13, 14, 15};
+    const v8i lo3 = {0, 1, 4, 5, 8, 9, 12, 13}, hi3 = {2, 3, 6, 7, 10, 11, 14, 15};
+    const v8i lo4 = {0, 2, 4, 6, 8, 10, 12, 14}, hi4 = {1, 3, 5, 7, 9, 11, 13, 15};
+    v8f bl[8], bh[8], cl[4], ch[4], dl[2], dh[2], el, eh;
+    for (int i = 0; i < 8; i++) fold8(lo[2 * i], hi[2 * i], lo[2 * i + 1], hi[2 * i + 1], lo1, hi1, &bl[i], &bh[i]);
+    for (int i = 0; i < 4; i++) fold8(bl[2 * i], bh[2 * i], bl[2 * i + 1], bh[2 * i + 1], lo2, hi2, &cl[i], &ch[i]);
+    for (int i = 0; i < 2; i++) fold8(cl[2 * i], ch[2 * i], cl[2 * i + 1], ch[2 * i + 1], lo3, hi3, &dl[i], &dh[i]);
+    fold8(dl[0], dh[0], dl[1], dh[1], lo4, hi4, &el, &eh);
+    el = el * scale;
+    eh = eh * scale;
+    memcpy(out, &el, sizeof el);
+    memcpy(out + 8, &eh, sizeof eh);
+}
+
 #define MAX_GROUP 8 /* query heads per KV head */
 #define HEAD_DIM 64 /* fixed, so that every loop over it unrolls and the accumulators stay in registers */
 #define KEY_BLOCKS 8 /* attention: prompt key blocks (of 16 keys) per job of scores */
@@ -142,15 +241,27 @@ static inline v16f reduce16(v16f *a) {
 #define CAT(a, b) CAT_(a, b)
 #define SFX(name) CAT(name, SUFFIX)
 
-/* bf16 weights and K/V; a matmul's input rounded to bf16 */
+/* bf16 weights and K/V; a matmul's input rounded to bf16. Without bf16 dot products the input
+   is kept widened (exact): widening it again for every weight row made each row of a draft
+   tree cost ~2x a float32 row on AVX2. */
+static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 #define SUFFIX _bf16
 #define W uint16_t
-#define X uint16_t
 #define LOAD_W load_bf16
+#define LOAD8_W load8_bf16
+#ifdef __AVX512BF16__
+#define X uint16_t
 #define LOAD_X load_bf16
+#define LOAD8_X load8_bf16
+#define F32_TO_X f32_to_bf16
+#else
+#define X float
+#define LOAD_X load_f32
+#define LOAD8_X load8_f32
+#define F32_TO_X round_bf16
+#endif
 #define W_TO_F32 bf16_to_f32
 #define F32_TO_W f32_to_bf16
-#define F32_TO_X f32_to_bf16
 #define BF16_DOT 1
 #include "decode_step_typed.h"
 #undef SUFFIX
@@ -158,6 +269,8 @@ static inline v16f reduce16(v16f *a) {
 #undef X
 #undef LOAD_W
 #undef LOAD_X
+#undef LOAD8_W
+#undef LOAD8_X
 #undef W_TO_F32
 #undef F32_TO_W
 #undef F32_TO_X
@@ -170,6 +283,8 @@ static inline float same_f32(float f) { return f; }
 #define X float
 #define LOAD_W load_f32
 #define LOAD_X load_f32
+#define LOAD8_W load8_f32
+#define LOAD8_X load8_f32
 #define W_TO_F32 same_f32
 #define F32_TO_W same_f32
 #define F32_TO_X same_f32

@@ -2,6 +2,12 @@
    matmul's input), LOAD_W / LOAD_X (16 of them as float32), W_TO_F32 / F32_TO_W / F32_TO_X,
    BF16_DOT, and SUFFIX for the names. */
 
+#ifdef __AVX512F__
+#define LOADV_W LOAD_W
+#else
+#define LOADV_W LOAD8_W
+#endif
+
 /* Dot products of one weight row with M rows of x, M fixed at compile time so the
    accumulators stay in registers. Every row is summed in the same order whatever M is. With
    AVX512-BF16 a dot-product instruction does 32 bf16 multiply-adds; elsewhere the values are
@@ -17,6 +23,22 @@
                 acc[r] = _mm512_dpbf16_ps(acc[r], wv, (__m512bh)_mm512_loadu_si512(x + (size_t)r * in + i)); \
         }                                                                                        \
         for (int r = 0; r < M; r++) out[r] = _mm512_reduce_add_ps(acc[r]);                       \
+    }
+#elif !defined(__AVX512F__)
+/* The v16f loop below with each vector as two 32-byte halves (see load8_bf16): the same
+   multiply-adds and the same final sum, in registers. */
+#define DOT_ROWS(M)                                                                              \
+    static inline void SFX(dot_rows_##M)(const W *w, const X *x, int in, float *out) {           \
+        v8f lo[M], hi[M];                                                                        \
+        for (int r = 0; r < M; r++) lo[r] = hi[r] = (v8f){0};                                    \
+        for (int i = 0; i < in; i += 16) {                                                       \
+            v8f wl = LOAD8_W(w + i), wh = LOAD8_W(w + i + 8);                                    \
+            for (int r = 0; r < M; r++) {                                                        \
+                lo[r] += wl * LOAD8_X(x + (size_t)r * in + i);                                   \
+                hi[r] += wh * LOAD8_X(x + (size_t)r * in + i + 8);                               \
+            }                                                                                    \
+        }                                                                                        \
+        for (int r = 0; r < M; r++) out[r] = hsum_halves(lo[r], hi[r]);                          \
     }
 #else
 #define DOT_ROWS(M)                                                                              \
@@ -89,9 +111,9 @@ static void SFX(rms_norm)(const float *x, const W *w, int n, int dim, float eps,
 static inline void SFX(load_keys)(const W *k, int j0, int n, int base, const int32_t *tail, float *kb) {
     for (int jj = 0; jj < 16; jj++) {
         int j = j0 + jj, slot = j < n ? (j < base ? j : tail[j - base]) : 0;
-        for (int c = 0; c < HEAD_DIM / 16; c++) {
-            v16f kv = LOAD_W(k + (size_t)slot * HEAD_DIM + 16 * c);
-            memcpy(kb + jj * HEAD_DIM + 16 * c, &kv, sizeof kv);
+        for (int c = 0; c < HEAD_DIM; c += VW) {
+            vf kv = LOADV_W(k + (size_t)slot * HEAD_DIM + c);
+            memcpy(kb + jj * HEAD_DIM + c, &kv, sizeof kv);
         }
     }
 }
@@ -99,35 +121,53 @@ static inline void SFX(load_keys)(const W *k, int j0, int n, int base, const int
 /* One query's 16 scores against kb. Not inlined: one copy of the code, so a key's score is
    the same bits whichever pass (shared prompt block or a row's own block) computes it. Each
    lane of reduce16 sums one key's products, so the blocking doesn't matter either. */
-static __attribute__((noinline)) v16f SFX(score16)(const float *q, const float *kb, float scale) {
+#ifdef __AVX512F__
+static __attribute__((noinline)) void SFX(score16)(const float *q, const float *kb, float scale, float *out) {
     v16f part[16];
     for (int jj = 0; jj < 16; jj++) {
         v16f acc = load_f32(q) * load_f32(kb + jj * HEAD_DIM);
         for (int c = 1; c < HEAD_DIM / 16; c++) acc += load_f32(q + 16 * c) * load_f32(kb + jj * HEAD_DIM + 16 * c);
         part[jj] = acc;
     }
-    return reduce16(part) * scale;
+    v16f sc = reduce16(part) * scale;
+    memcpy(out, &sc, sizeof sc);
 }
+#else
+static __attribute__((noinline)) void SFX(score16)(const float *q, const float *kb, float scale, float *out) {
+    v8f lo[16], hi[16]; /* the v16f code above in halves: the same sums */
+    for (int jj = 0; jj < 16; jj++) {
+        const float *kj = kb + jj * HEAD_DIM;
+        v8f l = load8_f32(q) * load8_f32(kj), h = load8_f32(q + 8) * load8_f32(kj + 8);
+        for (int c = 1; c < HEAD_DIM / 16; c++) {
+            l += load8_f32(q + 16 * c) * load8_f32(kj + 16 * c);
+            h += load8_f32(q + 16 * c + 8) * load8_f32(kj + 16 * c + 8);
+        }
+        lo[jj] = l;
+        hi[jj] = h;
+    }
+    reduce16_halves(lo, hi, scale, out);
+}
+#endif
 
 /* Softmax numerators of one (row, head)'s scores sh [n, padded to 16], in place: the max,
    then exp(s - max) summed in 16-lane vectors; returns 1 / sum. */
 static float SFX(softmax)(float *sh, int n) {
     int padded = (n + 15) & ~15;
     for (int j = n; j < padded; j++) sh[j] = -INFINITY;
-    v16f vmax = load_f32(sh);
-    for (int j = 16; j < padded; j += 16) {
-        v16f x = load_f32(sh + j);
-        vmax = blend_lanes(x > vmax, x, vmax);
+    vf vmax = load_vf(sh);
+    for (int j = VW; j < padded; j += VW) {
+        vf x = load_vf(sh + j);
+        vmax = blend_vf(x > vmax, x, vmax);
     }
     float mx = vmax[0];
-    for (int i = 1; i < 16; i++) mx = vmax[i] > mx ? vmax[i] : mx;
-    v16f sum = {0};
-    for (int j = 0; j < padded; j += 16) {
-        v16f e = vexp(load_f32(sh + j) - mx);
+    for (int i = 1; i < VW; i++) mx = vmax[i] > mx ? vmax[i] : mx;
+    vf sum = {0};
+    for (int j = 0; j < padded; j += VW) {
+        vf e = vexp_vf(load_vf(sh + j) - mx);
         memcpy(sh + j, &e, sizeof e);
         sum += e;
     }
-    return 1.0f / hsum(sum);
+    return 1.0f / hsum_vf(sum);
 }
 
 /* P.V of R rows (R and the group size G compile-time constants, so the R*G*4 accumulators
@@ -139,6 +179,7 @@ static float SFX(softmax)(float *sh, int n) {
 static inline __attribute__((always_inline)) void SFX(pv)(const int R, const int G, const W *v, int base,
         const int32_t *tails, int tail_width, const int *n_tail, const float *p, int width, const float *inv,
         int nh, float *out) {
+#ifdef __AVX512F__
     const int chunks = HEAD_DIM / 16;
     v16f acc[PV_MAX_ROWS][MAX_GROUP][HEAD_DIM / 16] = {{{{0}}}}, vj[HEAD_DIM / 16];
     for (int j = 0; j < base; j++) {
@@ -160,6 +201,43 @@ static inline __attribute__((always_inline)) void SFX(pv)(const int R, const int
                 memcpy(out + ((size_t)r * nh + h) * HEAD_DIM + 16 * c, &o, sizeof o);
             }
     }
+#else
+    /* The same sums, 16 columns at a time in 32-byte halves: R*G*4 accumulators would not fit
+       AVX2's 16 registers (and a v16f there lives in memory). */
+    for (int c0 = 0; c0 < HEAD_DIM; c0 += 16) {
+        v8f lo[PV_MAX_ROWS][MAX_GROUP], hi[PV_MAX_ROWS][MAX_GROUP];
+        for (int r = 0; r < R; r++)
+            for (int h = 0; h < G; h++) lo[r][h] = hi[r][h] = (v8f){0};
+        for (int j = 0; j < base; j++) {
+            v8f vl = LOAD8_W(v + (size_t)j * HEAD_DIM + c0), vh = LOAD8_W(v + (size_t)j * HEAD_DIM + c0 + 8);
+            for (int r = 0; r < R; r++)
+                for (int h = 0; h < G; h++) {
+                    float pj = p[((size_t)r * nh + h) * width + j];
+                    lo[r][h] += pj * vl;
+                    hi[r][h] += pj * vh;
+                }
+        }
+        for (int r = 0; r < R; r++) {
+            const int32_t *tr = tails + (size_t)r * tail_width;
+            for (int j = base; j < base + n_tail[r]; j++) {
+                const W *vr = v + (size_t)tr[j - base] * HEAD_DIM + c0;
+                v8f vl = LOAD8_W(vr), vh = LOAD8_W(vr + 8);
+                for (int h = 0; h < G; h++) {
+                    float pj = p[((size_t)r * nh + h) * width + j];
+                    lo[r][h] += pj * vl;
+                    hi[r][h] += pj * vh;
+                }
+            }
+            for (int h = 0; h < G; h++) {
+                float s = inv[(size_t)r * nh + h];
+                v8f ol = lo[r][h] * s, oh = hi[r][h] * s;
+                float *o = out + ((size_t)r * nh + h) * HEAD_DIM + c0;
+                memcpy(o, &ol, sizeof ol);
+                memcpy(o + 8, &oh, sizeof oh);
+            }
+        }
+    }
+#endif
 }
 
 /* pv with the group size compile-time (one copy per size), for m <= PV_ROWS(G) rows. */
@@ -193,8 +271,8 @@ static void SFX(prompt_scores)(const float *qkv, int qkv_dim, int t, int nh, int
         SFX(load_keys)(k, 16 * b, 16 * b + 16, 16 * b + 16, 0, kb); /* all prompt slots */
         for (int r = 0; r < t; r++)
             for (int head = g * group; head < (g + 1) * group; head++) {
-                v16f sc = SFX(score16)(qkv + (size_t)r * qkv_dim + head * HEAD_DIM, kb, scale);
-                memcpy(scores + ((size_t)r * nh + head) * width + 16 * b, &sc, sizeof sc);
+                SFX(score16)(qkv + (size_t)r * qkv_dim + head * HEAD_DIM, kb, scale,
+                             scores + ((size_t)r * nh + head) * width + 16 * b);
             }
     }
 }
@@ -207,8 +285,7 @@ static void SFX(row_scores)(const float *q, int group, int g, const W *k, int sh
     for (int j0 = 16 * shared; j0 < n; j0 += 16) {
         SFX(load_keys)(k, j0, n, base, tail, kb);
         for (int head = g * group; head < (g + 1) * group; head++) {
-            v16f sc = SFX(score16)(q + head * HEAD_DIM, kb, scale);
-            memcpy(scores + (size_t)head * width + j0, &sc, sizeof sc);
+            SFX(score16)(q + head * HEAD_DIM, kb, scale, scores + (size_t)head * width + j0);
         }
     }
 }
@@ -341,3 +418,4 @@ int SFX(kvrag_decode_step)(const Model *m, const int64_t *ids, const int64_t *po
 #undef DOT_ROWS
 #undef PV_GROUP
 #undef PV_CASE
+#undef LOADV_W
