@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from eval.samples import SAMPLE_QUESTIONS, SAMPLES
+from rag.lookahead import NgramTrie
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,36 @@ def hf_generate(hf, ids: list[int], max_tokens: int, stop_ids, pad_id: int) -> t
     return new, len(clock.times) - 1, clock.times[-1] - clock.times[0]
 
 
+def trie_ceiling(context: list[int], answer: list[int], budget: int, max_prefix: int = 4) -> tuple[int, int]:
+    """(forward passes, tokens after the first) of an oracle drafter: at each step it drafts, from
+    the same n-gram trie as Lookahead (the context and the answer so far, matched on its last
+    1..max_prefix tokens), the longest run of up to `budget` tokens that the model will produce.
+    No choice among the trie's branches does better, so this bounds Lookahead's tokens a step."""
+    trie = NgramTrie(max_prefix + budget)
+    trie.insert(context)
+    stream, text = trie.stream(), list(context)
+    steps = i = 0
+    for t in answer[:1]:
+        stream.push(t)
+        text.append(t)
+    while i < len(answer) - 1:
+        best = 0
+        for p in range(1, max_prefix + 1):
+            node, n = trie.find(text[-p:]), 0
+            if node is None:
+                break
+            while n < budget and i + 1 + n < len(answer) and answer[i + 1 + n] in node.kids:
+                node = node.kids[answer[i + 1 + n]]
+                n += 1
+            best = max(best, n)
+        for t in answer[i + 1:i + 2 + best]:
+            stream.push(t)
+            text.append(t)
+        i += best + 1
+        steps += 1
+    return steps, max(0, len(answer) - 1)
+
+
 def _after_first(r) -> int:
     """Tokens produced after the first one, counting a final stop token as HF does."""
     return len(r.ids) if r.finish == "stop" else max(0, len(r.ids) - 1)
@@ -156,7 +187,7 @@ def run_decode_bench(dataset: Path | str | None = None, questions: int = 8, max_
     cases = load_cases(dataset, questions)
     rows = []
     tot = {"hf": [0, 0.0], "lean": [0, 0.0], "lookahead": [0, 0.0]}
-    steps = accepted = 0
+    steps = accepted = ceiling_steps = ceiling_tokens = 0
     for qi, case in enumerate(cases):
         prompt = engine.prompts.build(retrieve(embedder, case, count, context_tokens, chunk_tokens), case.question)
         ids = prompt.ids()
@@ -180,6 +211,11 @@ def run_decode_bench(dataset: Path | str | None = None, questions: int = 8, max_
         la = res["lookahead"][0]
         steps += la.steps
         accepted += la.accepted
+        lean = res["lean"][0]
+        c_steps, c_tokens = trie_ceiling(ids[len(prompt.header):], lean.ids + [-1] * (lean.finish == "stop"),
+                                         step.draft_budget)
+        ceiling_steps += c_steps
+        ceiling_tokens += c_tokens
         row = {"question": case.question, "context_tokens": prompt.context_end - len(prompt.header),
                "prompt_tokens": len(ids), "hf_tokens": len(hf_ids), "lean_tokens": len(res["lean"][0].ids),
                "hf_s": round(hf_s, 3), "lean_s": round(res["lean"][1], 3), "lookahead_s": round(res["lookahead"][1], 3),
@@ -196,6 +232,7 @@ def run_decode_bench(dataset: Path | str | None = None, questions: int = 8, max_
         "lean_tok_s": round(rate["lean"], 2),
         "lookahead_tok_s": round(rate["lookahead"], 2),
         "mean_accepted_per_step": round((steps + accepted) / steps, 3) if steps else 0.0,
+        "ceiling_accepted_per_step": round(ceiling_tokens / ceiling_steps, 3) if ceiling_steps else 0.0,
         "identical_outputs": all(r["identical"] for r in rows),
         "lean_over_hf": round(rate["lean"] / rate["hf"], 2) if rate["hf"] else None,
         "lookahead_over_lean": round(rate["lookahead"] / rate["lean"], 2) if rate["lean"] else None,

@@ -140,3 +140,17 @@ def test_tree_verification_equals_plain_steps_on_each_branch(lm32, make_step):
     end = committed + len(path)
     assert (cache.k[:, :, :, :end] - cache_b.k[:, :, :, :end]).abs().max() < 1e-4
     assert (cache.v[:, :, :, :end] - cache_b.v[:, :, :, :end]).abs().max() < 1e-4
+
+
+def test_trie_ceiling_counts_the_steps_of_a_drafter_that_always_guesses_right():
+    from eval.bench_decode import trie_ceiling
+
+    context = list(range(100))
+    copied = list(range(10, 40))  # every next token continues the context: budget + 1 tokens a step
+    assert trie_ceiling(context, copied, budget=2) == (10, 29)
+    novel = list(range(1000, 1030))  # nothing to draft: one token a step
+    assert trie_ceiling(context, novel, budget=2) == (29, 29)
+    # The answer so far is in the trie too: a repeated phrase is drafted the second time.
+    looped = [500, 501, 502, 503] * 3
+    steps, tokens = trie_ceiling(context, looped, budget=3)
+    assert tokens == 11 and steps == 4 + 2  # one plain step a token until 500 comes again, then 4 + 3
