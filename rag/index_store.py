@@ -81,10 +81,11 @@ class IndexStore:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, self.root / "CURRENT")
-            _fsync_dir(self.root)
         except BaseException:
             shutil.rmtree(new, ignore_errors=True)
             raise
+        # Committed: from here an interrupt must not remove the generation CURRENT names.
+        _fsync_dir(self.root)
         if current is not None:
             shutil.rmtree(current, ignore_errors=True)
 

@@ -70,6 +70,29 @@ def test_generation_commits_atomically_and_ids_only_grow(tmp_path):
     assert [p.name for p in (tmp_path / "index").glob("gen-*")] == [before.name]
 
 
+def test_an_interrupt_once_current_has_flipped_keeps_the_new_generation(tmp_path, monkeypatch):
+    """Ctrl-C between CURRENT's replacement and the end of the commit: the generation CURRENT
+    names is the new one, so the cleanup of a failed run must not delete it."""
+    import rag.index_store
+
+    store = IndexStore(tmp_path / "index", 8)
+    with store.transaction() as (docstore, index):
+        add_doc(docstore, index, "a", "alpha beta gamma", [(0, 5)])
+    fsync = rag.index_store._fsync_dir
+
+    def interrupted(path):
+        if path == store.root and (store.root / "CURRENT").read_text() != before.name:
+            raise KeyboardInterrupt
+        fsync(path)
+
+    before = store.current_dir()
+    monkeypatch.setattr(rag.index_store, "_fsync_dir", interrupted)
+    with pytest.raises(KeyboardInterrupt), store.transaction() as (docstore, index):
+        add_doc(docstore, index, "b", "beta delta", [(0, 4)])
+    assert store.current_dir() != before and store.current_dir().is_dir()
+    assert store.open()[0].document_ids() == ["a", "b"]
+
+
 def test_lexical_terms_stem_drop_stop_words_and_split_chinese():
     assert terms(["The dogs are Running in 2021"]) == [["dog", "run", "2021"]]
     assert terms(["北京是首都"]) == [["北", "京", "是", "首", "都"]]
