@@ -37,36 +37,23 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 #define ROW_BLOCK 6 /* 16 registers: 12 accumulators, the weights, an input */
 #endif
 
-static inline v16f load_bf16(const uint16_t *p) {
-    v16h h;
-    memcpy(&h, p, sizeof h);
-    v16u u = __builtin_convertvector(h, v16u) << 16;
-    v16f f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline v16f load_f32(const float *p) {
-    v16f f;
-    memcpy(&f, p, sizeof f);
-    return f;
-}
-
-/* 8-lane loads, for the loops that must stay in registers without AVX-512. */
-static inline v8f load8_bf16(const uint16_t *p) {
-    v8h h;
-    memcpy(&h, p, sizeof h);
-    v8u u = __builtin_convertvector(h, v8u) << 16;
-    v8f f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline v8f load8_f32(const float *p) {
-    v8f f;
-    memcpy(&f, p, sizeof f);
-    return f;
-}
+/* Loads of 16 lanes, and of 8 for the loops that must stay in registers without AVX-512. */
+#define DEFINE_LOADS(BF16, F32, VF, VH, VU)                       \
+    static inline VF BF16(const uint16_t *p) {                    \
+        VH h;                                                     \
+        memcpy(&h, p, sizeof h);                                  \
+        VU u = __builtin_convertvector(h, VU) << 16;              \
+        VF f;                                                     \
+        memcpy(&f, &u, sizeof f);                                 \
+        return f;                                                 \
+    }                                                             \
+    static inline VF F32(const float *p) {                        \
+        VF f;                                                     \
+        memcpy(&f, p, sizeof f);                                  \
+        return f;                                                 \
+    }
+DEFINE_LOADS(load_bf16, load_f32, v16f, v16h, v16u)
+DEFINE_LOADS(load8_bf16, load8_f32, v8f, v8h, v8u)
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -98,25 +85,19 @@ static inline float hsum8(v8f s8) { /* hsum's last two steps */
 
 static inline float hsum_halves(v8f lo, v8f hi) { return hsum8(lo + hi); } /* hsum of the v16f (lo, hi) */
 
-static inline v16f blend_lanes(v16i mask, v16f a, v16f b) { /* mask ? a : b, lane by lane */
-    v16i ia, ib;
-    memcpy(&ia, &a, sizeof ia);
-    memcpy(&ib, &b, sizeof ib);
-    v16i r = (mask & ia) | (~mask & ib);
-    v16f f;
-    memcpy(&f, &r, sizeof f);
-    return f;
-}
-
-static inline v8f blend8(v8i mask, v8f a, v8f b) {
-    v8i ia, ib;
-    memcpy(&ia, &a, sizeof ia);
-    memcpy(&ib, &b, sizeof ib);
-    v8i r = (mask & ia) | (~mask & ib);
-    v8f f;
-    memcpy(&f, &r, sizeof f);
-    return f;
-}
+/* mask ? a : b, lane by lane, for 16 and 8 lanes */
+#define DEFINE_BLEND(NAME, VF, VI)                  \
+    static inline VF NAME(VI mask, VF a, VF b) {    \
+        VI ia, ib;                                  \
+        memcpy(&ia, &a, sizeof ia);                 \
+        memcpy(&ib, &b, sizeof ib);                 \
+        VI r = (mask & ia) | (~mask & ib);          \
+        VF f;                                       \
+        memcpy(&f, &r, sizeof f);                   \
+        return f;                                   \
+    }
+DEFINE_BLEND(blend_lanes, v16f, v16i)
+DEFINE_BLEND(blend8, v8f, v8i)
 
 /* exp: Cephes-style range reduction and a degree-6 polynomial (~2 ulp); 0 below -87.3
    (exp(-inf) = 0 for masked scores), clamped above 88.3. Defined for 16 and 8 lanes. */
