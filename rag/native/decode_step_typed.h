@@ -150,7 +150,7 @@ static __attribute__((noinline)) void SFX(score16)(const float *q, const float *
 #endif
 
 /* Softmax numerators of one (row, head)'s scores sh [n, padded to 16], in place: the max,
-   then exp(s - max) summed in 16-lane vectors; returns 1 / sum. */
+   then exp(s - max) summed in vectors of the widest register type (vf); returns 1 / sum. */
 static float SFX(softmax)(float *sh, int n) {
     int padded = (n + 15) & ~15;
     for (int j = n; j < padded; j++) sh[j] = -INFINITY;
