@@ -194,7 +194,11 @@ def test_interrupted_ingestion_keeps_the_previous_index(tmp_path, model_dir, res
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode != 0, proc.stdout.read().decode()[-3000:]
+    # Seen twice in full runs on an AVX2 host with the shared data (never alone): exit 0 with
+    # neither a summary nor a traceback. What the next failure should tell: the signal's
+    # disposition here, whether the run committed, and the job's output.
+    assert proc.returncode != 0, (signal.getsignal(signal.SIGINT), (s.index_dir / "CURRENT").read_text() != current,
+                                  proc.stdout.read().decode()[-3000:])
     assert (s.index_dir / "CURRENT").read_text() == current
     assert sorted(c.chunk_id for c in consistent(s)[0].all_chunks()) == before
 
