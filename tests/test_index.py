@@ -78,14 +78,13 @@ def test_an_interrupt_once_current_has_flipped_keeps_the_new_generation(tmp_path
     store = IndexStore(tmp_path / "index", 8)
     with store.transaction() as (docstore, index):
         add_doc(docstore, index, "a", "alpha beta gamma", [(0, 5)])
-    fsync = rag.index_store._fsync_dir
+    before, fsync = store.current_dir(), rag.index_store._fsync_dir
 
     def interrupted(path):
         if path == store.root and (store.root / "CURRENT").read_text() != before.name:
             raise KeyboardInterrupt
         fsync(path)
 
-    before = store.current_dir()
     monkeypatch.setattr(rag.index_store, "_fsync_dir", interrupted)
     with pytest.raises(KeyboardInterrupt), store.transaction() as (docstore, index):
         add_doc(docstore, index, "b", "beta delta", [(0, 4)])

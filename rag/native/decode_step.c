@@ -12,7 +12,7 @@
    activations are). Built by rag/native_step.py with -O3 -march=native -fopenmp; the GCC
    vector types below become AVX-512 or AVX2 code, whatever the CPU has. Without AVX-512 a
    64-byte vector is no register type and GCC keeps every v16f on the stack, so the hot loops
-   (linears, scores, softmax, P.V) use 32-byte vectors there: on an AVX2 Zen 3 that made a
+   (linears, scores, softmax, P.V, norms, SiLU) use 32-byte vectors there: on an AVX2 Zen 3 that made a
    step 4x faster. The typed part (decode_step_typed.h) is compiled once per weight dtype. */
 
 #ifdef __AVX512BF16__
@@ -120,19 +120,8 @@ DEFINE_BLEND(blend8, v8f, v8i)
         memcpy(&scale, &e, sizeof scale);                                                  \
         return BLEND(x < lo, zero, p * scale);                                             \
     }
-DEFINE_VEXP(vexp8, v8f, v8i, blend8)
-#ifdef __AVX512F__
 DEFINE_VEXP(vexp, v16f, v16i, blend_lanes)
-#else
-static inline v16f vexp(v16f x) { /* in halves, which stay in registers */
-    v8f h[2];
-    memcpy(h, &x, sizeof x);
-    h[0] = vexp8(h[0]);
-    h[1] = vexp8(h[1]);
-    memcpy(&x, h, sizeof x);
-    return x;
-}
-#endif
+DEFINE_VEXP(vexp8, v8f, v8i, blend8)
 
 /* The widest vector that is a register type: loops that need no particular width use it. */
 #ifdef __AVX512F__

@@ -90,12 +90,12 @@ static void SFX(linear)(const W *w, const W *bias, const float *x, X *xb, int n,
 static void SFX(rms_norm)(const float *x, const W *w, int n, int dim, float eps, float *y) {
     for (int r = 0; r < n; r++) {
         const float *xr = x + (size_t)r * dim;
-        v16f acc = {0};
-        for (int i = 0; i < dim; i += 16) {
-            v16f v = load_f32(xr + i);
+        vf acc = {0};
+        for (int i = 0; i < dim; i += VW) {
+            vf v = load_vf(xr + i);
             acc += v * v;
         }
-        float inv = 1.0f / sqrtf(hsum(acc) / dim + eps);
+        float inv = 1.0f / sqrtf(hsum_vf(acc) / dim + eps);
         for (int i = 0; i < dim; i++) y[(size_t)r * dim + i] = xr[i] * inv * W_TO_F32(w[i]);
     }
 }
@@ -401,9 +401,9 @@ int SFX(kvrag_decode_step)(const Model *m, const int64_t *ids, const int64_t *po
         SFX(rms_norm)(x, (const W *)w[4], t, dim, m->eps, h);
         SFX(linear)((const W *)w[5], 0, h, xb, t, dim, ffn, gate, threads);
         SFX(linear)((const W *)w[6], 0, h, xb, t, dim, ffn, up, threads);
-        for (size_t i = 0; i < (size_t)t * ffn; i += 16) {
-            v16f g = load_f32(gate + i);
-            v16f a = g / (1.0f + vexp(-g)) * load_f32(up + i);
+        for (size_t i = 0; i < (size_t)t * ffn; i += VW) {
+            vf g = load_vf(gate + i);
+            vf a = g / (1.0f + vexp_vf(-g)) * load_vf(up + i);
             memcpy(gate + i, &a, sizeof a);
         }
         SFX(linear)((const W *)w[7], 0, gate, xb, t, ffn, dim, h, threads);
