@@ -179,8 +179,15 @@ def test_interrupted_ingestion_keeps_the_previous_index(tmp_path, model_dir, res
     write_docs(tmp_path / "more", 100, chars=1200, corpus="pubmed")
     env = {**os.environ, "KVRAG_DATA_DIR": str(s.data_dir), "KVRAG_MODEL": str(model_dir),
            "KVRAG_CHUNKER": "token", "KVRAG_CHUNK_SIZE": "120", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "rag.cli", "ingest", str(docs), str(tmp_path / "more"), "--no-progress"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # A shell without job control starts background commands with SIGINT ignored, and the job
+    # inherits that from pytest (it then ignores the signal and commits): give it a terminal's
+    # Ctrl-C, whatever started the tests.
+    sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "rag.cli", "ingest", str(docs), str(tmp_path / "more"),
+                                 "--no-progress"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    finally:
+        signal.signal(signal.SIGINT, sigint)
     try:
         deadline = time.time() + 120
         while not any(p.name != current for p in s.index_dir.glob("gen-*")):
@@ -194,11 +201,7 @@ def test_interrupted_ingestion_keeps_the_previous_index(tmp_path, model_dir, res
     finally:
         if proc.poll() is None:
             proc.kill()
-    # Seen twice in full runs on an AVX2 host with the shared data (never alone): exit 0 with
-    # neither a summary nor a traceback. What the next failure should tell: the signal's
-    # disposition here, whether the run committed, and the job's output.
-    assert proc.returncode != 0, (signal.getsignal(signal.SIGINT), (s.index_dir / "CURRENT").read_text() != current,
-                                  proc.stdout.read().decode()[-3000:])
+    assert proc.returncode != 0, proc.stdout.read().decode()[-3000:]
     assert (s.index_dir / "CURRENT").read_text() == current
     assert sorted(c.chunk_id for c in consistent(s)[0].all_chunks()) == before
 
