@@ -7,7 +7,8 @@ per question so machine load hits all three alike:
 - hf: transformers' own `generate(do_sample=False)` on the same model directory,
   dtype and prompt ids;
 - lean: kvrag's decode loop, one token per forward pass;
-- lookahead: the same loop with Lookahead drafting from the prompt's n-grams.
+- lookahead: the same loop with Lookahead drafting from the prompt's n-grams and the
+  earlier questions' answers (rag.lookahead.AnswerMemory, as the engine keeps them).
 
 Speed is decode tokens per second after the first token (prefill excluded):
 (tokens - 1) / (time of the last token - time of the first), summed over
@@ -22,6 +23,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,13 +126,17 @@ def hf_generate(hf, ids: list[int], max_tokens: int, stop_ids, pad_id: int) -> t
     return new, len(clock.times) - 1, clock.times[-1] - clock.times[0]
 
 
-def trie_ceiling(context: list[int], answer: list[int], budget: int, max_prefix: int = 4) -> tuple[int, int]:
+def trie_ceiling(context: list[int], answer: list[int], budget: int, max_prefix: int = 4,
+                 earlier: Iterable[list[int]] = ()) -> tuple[int, int]:
     """(forward passes, tokens after the first) of an oracle drafter: at each step it drafts, from
-    the same n-gram trie as Lookahead (the context and the answer so far, matched on its last
-    1..max_prefix tokens), the longest run of up to `budget` tokens that the model will produce.
-    No choice among the trie's branches does better, so this bounds Lookahead's tokens a step."""
+    the same n-grams as Lookahead (the context, the earlier answers and the answer so far,
+    matched on its last 1..max_prefix tokens), the longest run of up to `budget` tokens that the
+    model will produce. No choice among the trie's branches does better, so this bounds
+    Lookahead's tokens a step."""
     trie = NgramTrie(max_prefix + budget)
     trie.insert(context)
+    for past in earlier:
+        trie.insert(past)
     stream, text = trie.stream(), list(context)
     steps = i = 0
     for t in answer[:1]:
@@ -169,7 +175,7 @@ def run_decode_bench(dataset: Path | str | None = None, questions: int = 8, max_
     from rag.decode_step import stepper_for
     from rag.embedder import Embedder
     from rag.engine import Engine
-    from rag.lookahead import Lookahead
+    from rag.lookahead import AnswerMemory, Lookahead
     from rag.model_loader import load_model
     from rag.native_step import NativeDecodeStep
 
@@ -188,6 +194,7 @@ def run_decode_bench(dataset: Path | str | None = None, questions: int = 8, max_
     rows = []
     tot = {"hf": [0, 0.0], "lean": [0, 0.0], "lookahead": [0, 0.0]}
     steps = accepted = ceiling_steps = ceiling_tokens = 0
+    memory = AnswerMemory()  # the earlier questions' answers, as the engine keeps them
     for qi, case in enumerate(cases):
         prompt = engine.prompts.build(retrieve(embedder, case, count, context_tokens, chunk_tokens), case.question)
         ids = prompt.ids()
@@ -199,7 +206,8 @@ def run_decode_bench(dataset: Path | str | None = None, questions: int = 8, max_
         res = {}
         for name in ("lean", "lookahead"):
             pre.cache.length = len(ids)
-            drafter = Lookahead(ids[len(prompt.header):], budget=step.draft_budget) if name == "lookahead" else None
+            drafter = (Lookahead(ids[len(prompt.header):], memory=memory, budget=step.draft_budget)
+                       if name == "lookahead" else None)
             t0 = time.perf_counter()
             r = decode(lm.model, tok, pre.cache, pre.logits[-1], len(ids), max_tokens, drafter=drafter)
             res[name] = (r, time.perf_counter() - t0 - r.ttft_s)
@@ -213,7 +221,8 @@ def run_decode_bench(dataset: Path | str | None = None, questions: int = 8, max_
         accepted += la.accepted
         lean = res["lean"][0]
         c_steps, c_tokens = trie_ceiling(ids[len(prompt.header):], lean.ids + [-1] * (lean.finish == "stop"),
-                                         step.draft_budget)
+                                         step.draft_budget, earlier=memory.answers)
+        memory.add(la.ids)
         ceiling_steps += c_steps
         ceiling_tokens += c_tokens
         row = {"question": case.question, "context_tokens": prompt.context_end - len(prompt.header),

@@ -21,6 +21,7 @@ from rag.blend import blend_prefill
 from rag.decode import decode as decode_loop
 from rag.decode import new_drafter
 from rag.kv_cache import KVCache
+from rag.lookahead import AnswerMemory
 from rag.model_loader import LoadedModel
 from rag.prompt import LAYOUT_VERSION, Prompt, PromptBuilder
 
@@ -60,6 +61,7 @@ class Engine:
         self._header_kv: tuple[torch.Tensor, torch.Tensor] | None = None
         self._spare: list[KVCache] = []  # released request buffers (new_cache)
         self._spare_lock = threading.Lock()
+        self.answers = AnswerMemory()  # recent answers' n-grams, for Lookahead's drafts
 
     # -- prefix (header) cache -------------------------------------------------
     def header_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,13 +150,14 @@ class Engine:
         t0 = time.perf_counter()
         room = max(0, min(max_new_tokens, self.max_context - len(prompt)))
         pre = self.prefill(prompt, mode, ratio, chunk_kvs, extra_slots=room, gradual=gradual, selection=selection)
+        # Its trie is built before the first token too (~10 ms per 1K tokens of context), so it counts as prefill.
+        drafter = new_drafter(prompt.ids()[len(prompt.header):], temperature, lookahead, self.model, self.answers)
         t_prefill = time.perf_counter()
         r = decode_loop(self.model, self.tokenizer, pre.cache, pre.logits[-1], len(prompt),
                         max(1, room) if room else 0, temperature=temperature, top_p=top_p, stop=stop,
-                        on_text=on_text, seed=seed,
-                        drafter=new_drafter(prompt.ids()[len(prompt.header):], temperature, lookahead,
-                                            self.model))
+                        on_text=on_text, seed=seed, drafter=drafter)
         self.release(pre.cache)
+        self.answers.add(r.ids)
         finish = r.finish
         if room < max_new_tokens and finish == "length":
             finish = "context"

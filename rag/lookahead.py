@@ -3,20 +3,24 @@
 After "Lookahead: An Inference Acceleration Framework for Large Language Model
 with Lossless Generation Accuracy" (Zhao et al., 2023). RAG answers copy from
 their context, so the n-grams of the retrieved chunks (and of the question and
-the answer so far) predict the next tokens well. Each step looks up the last
-few tokens in a trie, takes the most frequent continuations as a draft tree,
-and the model checks the whole tree in one forward pass: each node sees the
-committed context plus its own ancestors (tree mask), at position committed
-length + depth. Walking the tree with the model's own choice at every node
-(argmax, or a sample from the model's distribution) accepts exactly the tokens
-plain decoding would have produced, so the output does not change (for
-sampling the draws come from the model's distribution at each node, so the
-distribution is the same too).
+the answer so far) predict the next tokens well; the service's recent answers
+add the model's own phrasing (AnswerMemory), as the paper's global trie does.
+Each step looks up the last few tokens in a trie, takes the most frequent
+continuations as a draft tree, and the model checks the whole tree in one
+forward pass: each node sees the committed context plus its own ancestors (tree
+mask), at position committed length + depth. Walking the tree with the model's
+own choice at every node (argmax, or a sample from the model's distribution)
+accepts exactly the tokens plain decoding would have produced, so the output
+does not change (for sampling the draws come from the model's distribution at
+each node, so the distribution is the same too).
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
+import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -44,6 +48,19 @@ class NgramTrie:
         stream = self.stream()
         for t in tokens:
             stream.push(t)
+
+    def remove(self, tokens: Sequence[int]) -> None:
+        """Undo `insert(tokens)`: an n-gram's node goes when its count reaches 0 (its longer
+        n-grams, counted no more often than it, have gone with it)."""
+        for i in range(len(tokens)):
+            node = self.root
+            for t in tokens[i:i + self.depth]:
+                kid = node.kids[t]
+                kid.count -= 1
+                if kid.count == 0:
+                    del node.kids[t]
+                    break
+                node = kid
 
     def stream(self) -> TrieStream:
         return TrieStream(self)
@@ -75,6 +92,26 @@ class TrieStream:
             kid.count += 1
             grown.append(kid)
         self.open = grown[:self.trie.depth - 1]
+
+
+class AnswerMemory:
+    """The n-grams of the last `size` answers, shared by the requests that follow: a model phrases
+    its answers alike ("According to the text, ..."), where the retrieved chunks do not help.
+    Drafts only decide speed, never the output, so what one request leaves here changes no
+    other request's answer."""
+
+    def __init__(self, size: int = 64, depth: int = 8):  # depth: Lookahead's longest suffix + largest budget
+        self.trie = NgramTrie(depth)
+        self.answers: deque[list[int]] = deque()
+        self.size = size
+        self.lock = threading.Lock()  # drafts read the trie while another request may add to it
+
+    def add(self, answer: Sequence[int]) -> None:
+        with self.lock:
+            self.answers.append(list(answer))
+            self.trie.insert(answer)
+            if len(self.answers) > self.size:
+                self.trie.remove(self.answers.popleft())
 
 
 def tree_tails(mask: torch.Tensor, base: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,8 +196,9 @@ def compact(cache: KVCache, committed: int, path: list[int]) -> None:
 class Lookahead:
     """Drafts trees from an n-gram trie over the request's context and its answer so far.
 
-    The last `max_prefix` .. `min_prefix` tokens are looked up in the trie (the
-    longest suffix found wins). Each continuation gets an estimated chance of
+    The last `max_prefix` .. `min_prefix` tokens are looked up in the trie and
+    in the answer memory, if any (the longest suffix found in either wins; the
+    two count together). Each continuation gets an estimated chance of
     being right: its share of its parent's n-gram count times its parent's
     chance, times `decay` per level (counts from a handful of occurrences are
     overconfident). The likeliest nodes are taken best-first while their chance
@@ -172,22 +210,23 @@ class Lookahead:
     # Defaults tuned offline on the greedy answers to 40 COVID-QA and 8 sample questions (~2K
     # tokens of context) against the measured cost of verifying T rows on this 2-core AVX2 CPU,
     # 1 + (0.09 .. 0.14) (T - 1) single steps: small trees of likely nodes pay, big ones do not.
-    def __init__(self, context: Sequence[int] = (), *, budget: int = 4, max_depth: int = 8,
-                 max_prefix: int = 4, min_prefix: int = 1, decay: float = 0.9, min_p: float = 0.2):
+    def __init__(self, context: Sequence[int] = (), *, memory: AnswerMemory | None = None, budget: int = 4,
+                 max_depth: int = 8, max_prefix: int = 4, min_prefix: int = 1, decay: float = 0.9,
+                 min_p: float = 0.2):
         self.budget = budget
         self.max_depth = max_depth
         self.max_prefix = max_prefix
         self.min_prefix = min_prefix
         self.decay = decay
         self.min_p = min_p
-        self.trie = NgramTrie(max_prefix + max_depth)
+        # No draft is deeper than the budget: deeper n-grams would only slow the build (~25 us a
+        # token of context a level, in Python).
+        self.trie = NgramTrie(max_prefix + min(max_depth, budget))
         self.trie.insert(context)
+        self.tries = [self.trie] if memory is None else [self.trie, memory.trie]
+        self.memory_lock = memory.lock if memory is not None else contextlib.nullcontext()
         self.answer = self.trie.stream()
         self.recent: list[int] = list(context[-max_prefix:])
-
-    def add(self, tokens: Sequence[int]) -> None:
-        """Another source of n-grams (an earlier answer, say)."""
-        self.trie.insert(tokens)
 
     def commit(self, token: int) -> None:
         """A token of the answer: it extends the text looked up next, and the trie."""
@@ -202,35 +241,45 @@ class Lookahead:
         tree = DraftTree([root], [-1], [0], [{}])
         if budget <= 0:
             return tree
-        start = None
+        with self.memory_lock:
+            chosen = self._choose(budget)
+        return _depth_first(tree, chosen)
+
+    def _choose(self, budget: int) -> list[tuple[int, int, float]]:
+        """The likeliest continuations, best first: (token, parent choice index, chance)."""
+        start: list[_Node] = []  # the suffix's node in each trie that has one
         for p in range(min(self.max_prefix, len(self.recent)), self.min_prefix - 1, -1):
-            node = self.trie.find(self.recent[-p:])
-            if node is not None and node.kids:
-                start = node
+            suffix = self.recent[-p:]
+            start = [n for trie in self.tries if (n := trie.find(suffix)) is not None and n.kids]
+            if start:
                 break
-        if start is None:
-            return tree
+        if not start:
+            return []
         # Best-first by estimated chance: a child is never likelier than its parent, so parents come first.
-        heap: list[tuple[float, int, _Node, int, int, int]] = []  # (-p, tiebreak, node, token, parent, depth)
+        heap: list[tuple[float, int, list[_Node], int, int, int]] = []  # (-p, tiebreak, nodes, token, parent, depth)
         order = 0
 
-        def push_kids(node: _Node, p: float, parent: int, depth: int) -> None:
+        def push_kids(nodes: list[_Node], p: float, parent: int, depth: int) -> None:
             nonlocal order
-            total = sum(k.count for k in node.kids.values())
-            for tok, kid in node.kids.items():
-                q = p * self.decay * kid.count / total
+            kids: dict[int, list[_Node]] = {}
+            for node in nodes:
+                for tok, kid in node.kids.items():
+                    kids.setdefault(tok, []).append(kid)
+            total = sum(k.count for same in kids.values() for k in same)
+            for tok, same in kids.items():
+                q = p * self.decay * sum(k.count for k in same) / total
                 if q >= self.min_p:
-                    heapq.heappush(heap, (-q, order, kid, tok, parent, depth))
+                    heapq.heappush(heap, (-q, order, same, tok, parent, depth))
                     order += 1
 
         push_kids(start, 1.0, -1, 1)
         chosen: list[tuple[int, int, float]] = []  # (token, parent choice index, chance)
         while heap and len(chosen) < budget:
-            neg, _, node, tok, parent, depth = heapq.heappop(heap)
+            neg, _, nodes, tok, parent, depth = heapq.heappop(heap)
             chosen.append((tok, parent, -neg))
-            if depth < self.max_depth and node.kids:
-                push_kids(node, -neg, len(chosen) - 1, depth + 1)
-        return _depth_first(tree, chosen)
+            if depth < self.max_depth:
+                push_kids(nodes, -neg, len(chosen) - 1, depth + 1)
+        return chosen
 
 
 def _depth_first(tree: DraftTree, chosen: list[tuple[int, int, float]]) -> DraftTree:

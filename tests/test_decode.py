@@ -9,7 +9,7 @@ from eval.samples import SAMPLE_QUESTIONS
 from rag.config import SYSTEM_PROMPT
 from rag.decode import decode
 from rag.engine import Engine
-from rag.lookahead import Lookahead
+from rag.lookahead import AnswerMemory, Lookahead
 
 QUESTIONS = (
     "How tall is the Greywater Point lighthouse?",
@@ -93,11 +93,13 @@ def test_greedy_lookahead_is_token_for_token_identical_in_bf16(engine16, paragra
 def _assert_lookahead_identical(engine: Engine, paragraphs: list[str], context_tokens: int,
                                 questions=QUESTIONS, max_new: int = 40) -> None:
     accepted = 0
+    memory = AnswerMemory()  # later questions also draft from the earlier answers, as in the engine
     for q in questions:
         prompt = _prompt(engine, paragraphs, q, context_tokens)
         pre = engine.prefill(prompt, extra_slots=max_new)
         lean = _run(engine, pre, prompt, max_new)
-        la = _run(engine, pre, prompt, max_new, Lookahead(prompt.ids()[len(prompt.header):]))
+        la = _run(engine, pre, prompt, max_new, Lookahead(prompt.ids()[len(prompt.header):], memory=memory))
+        memory.add(la.ids)
         assert la.ids == lean.ids, (q, engine.tokenizer.decode(lean.ids), engine.tokenizer.decode(la.ids))
         assert la.text == lean.text and la.finish == lean.finish
         assert la.steps + la.accepted == lean.steps
@@ -118,8 +120,12 @@ def test_sampling_with_lookahead_draws_the_same_tokens(engine, paragraphs):
 def test_generate_defaults_lookahead_on_for_greedy_only(engine, paragraphs):
     prompt = _prompt(engine, paragraphs, QUESTIONS[0], 300)
     on = engine.generate(prompt, max_new_tokens=24)
+    assert engine.answers.answers[-1] == on.token_ids  # later requests draft from it too
+    again = engine.generate(prompt, max_new_tokens=24)
     off = engine.generate(prompt, max_new_tokens=24, lookahead=False)
-    assert on.token_ids == off.token_ids and on.text == off.text
+    assert on.token_ids == again.token_ids == off.token_ids and on.text == off.text
+    # Asked again, the answer's own n-grams are in the memory: more of it is drafted right.
+    assert again.stats["draft_accepted_tokens"] > on.stats["draft_accepted_tokens"]
     assert on.stats["decode_steps"] < off.stats["decode_steps"] and off.stats["draft_accepted_tokens"] == 0
     sampled = engine.generate(prompt, max_new_tokens=8, temperature=0.7, seed=1)
     assert sampled.stats["draft_accepted_tokens"] == 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rag.decode_step import DecodeStep, stepper_for
-from rag.lookahead import DraftTree, Lookahead, NgramTrie, compact
+from rag.lookahead import AnswerMemory, DraftTree, Lookahead, NgramTrie, compact
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -56,6 +56,47 @@ def test_draft_follows_the_context_and_respects_budget_and_depth():
     # Nothing known after an unseen token: no draft.
     la.commit(999)
     assert len(la.draft(root=999, room=100)) == 1
+
+
+def _counts(trie: NgramTrie) -> dict[tuple[int, ...], int]:
+    out, todo = {}, [((), trie.root)]
+    while todo:
+        prefix, node = todo.pop()
+        for tok, kid in node.kids.items():
+            out[prefix + (tok,)] = kid.count
+            todo.append((prefix + (tok,), kid))
+    return out
+
+
+def test_answer_memory_keeps_exactly_the_ngrams_of_its_last_answers():
+    answers = [[1, 2, 3, 1, 2], [2, 3, 4], [7, 1, 2, 3, 9, 9, 9], [3, 1, 2]]
+    memory = AnswerMemory(size=2, depth=3)
+    for i, a in enumerate(answers):
+        memory.add(a)
+        fresh = NgramTrie(depth=3)
+        for kept in answers[max(0, i - 1):i + 1]:
+            fresh.insert(kept)
+        assert _counts(memory.trie) == _counts(fresh)  # no zero-count node is left behind either
+    assert list(memory.answers) == answers[-2:]
+
+
+def test_draft_counts_the_answer_memory_with_the_context():
+    context = [5, 6, 5, 6, 5, 7]  # after 5: 6 twice, 7 once
+    memory = AnswerMemory(depth=4)
+    for _ in range(3):
+        memory.add([5, 7, 8])  # after 5: 7 three more times
+    alone = Lookahead(context, budget=1, max_prefix=1, decay=1.0, min_p=0.0)
+    both = Lookahead(context, memory=memory, budget=1, max_prefix=1, decay=1.0, min_p=0.0)
+    for la in (alone, both):
+        la.commit(5)
+    assert alone.draft(root=5, room=10).tokens == [5, 6]
+    assert both.draft(root=5, room=10).tokens == [5, 7]  # 4 of 6 against 2 of 6
+    # A suffix that only an earlier answer holds is drafted from it, to the budget's depth.
+    chain = Lookahead(context, memory=memory, budget=2, max_prefix=1, decay=1.0, min_p=0.0)
+    chain.commit(7)
+    assert chain.draft(root=7, room=10).tokens == [7, 8]
+    chain.commit(8)
+    assert len(chain.draft(root=8, room=10)) == 1  # nothing ever followed 8
 
 
 def _path_tokens(tree: DraftTree, i: int) -> list[int]:
