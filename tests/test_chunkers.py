@@ -129,8 +129,8 @@ def test_windowed_losses_match_a_full_pass(lm32):
 
 
 @needs_corpora
-def test_llm_signal_is_asked_once_per_text_across_sizes(resources):
-    """A size sweep re-merges; the LLM is not asked again for a text it has scored (same window)."""
+def test_chunk_signals_are_computed_once_per_text_across_sizes(resources):
+    """A size sweep re-merges; the LLM (or the embedder) is not asked again for a text it has scored."""
     text = corpus("state_of_the_union", 0, 3000)
     small = make_chunker("meta-ppl", resources, 60).split(text)
     hits = resources.scorer.memo_hits
@@ -138,6 +138,13 @@ def test_llm_signal_is_asked_once_per_text_across_sizes(resources):
     assert resources.scorer.memo_hits == hits + 1
     assert len(large) < len(small)
     assert make_chunker("meta-ppl", resources, 60).split(text) == small  # the memo gives the same answer
+    # The embedding signal of the semantic chunker likewise.
+    from ingest.chunkers.semantic import sentence_distances
+
+    small = make_chunker("semantic", resources, 60).split(text)
+    hits = sentence_distances.cache_info().hits
+    large = make_chunker("semantic", resources, 200).split(text)
+    assert sentence_distances.cache_info().hits == hits + 1 and len(large) < len(small)
 
 
 @needs_corpora

@@ -8,6 +8,8 @@ one is split where the distance is largest.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from ingest.chunkers.base import Span
@@ -28,9 +30,8 @@ class SemanticChunker:
         self.splitter = splitter
 
     def distances(self, text: str, sentences: list[Span]) -> np.ndarray:
-        """Cosine distance between sentence i and i + 1 (vectors are normalized)."""
-        vecs = self.embedder.embed([text[s:e] for s, e in sentences], batch_size=64)
-        return 1.0 - np.einsum("ij,ij->i", vecs[:-1], vecs[1:])
+        """Cosine distance between sentence i and i + 1 (read-only)."""
+        return sentence_distances(self.embedder, text, tuple(sentences))
 
     def split(self, text: str) -> list[Span]:
         sentences = split_sentences(text, self.splitter)
@@ -42,3 +43,11 @@ class SemanticChunker:
         counter = TokenCounter(self.embedder.tokenizer, text)
         return merge_meta_chunks(text, sentences, boundaries, counter, self.size, self.max_tokens,
                                  dist.tolist() + [0.0])
+
+
+@lru_cache(maxsize=16)  # a chunk-size sweep splits the same texts again: their sentences are embedded once
+def sentence_distances(embedder, text: str, sentences: tuple[Span, ...]) -> np.ndarray:
+    vecs = embedder.embed([text[s:e] for s, e in sentences], batch_size=64)  # normalized
+    out = 1.0 - np.einsum("ij,ij->i", vecs[:-1], vecs[1:])
+    out.setflags(write=False)
+    return out
