@@ -103,6 +103,13 @@ def evaluate_chunks(chunks: list[Located], corpora: dict[str, str], questions: l
     return mean_scores(scores)
 
 
+def _memo_hits(resources, needs_lm: bool) -> int:
+    """How often the chunkers' model signals were answered from memory so far."""
+    from ingest.chunkers.semantic import sentence_distances
+
+    return (resources.scorer.memo_hits if needs_lm else 0) + sentence_distances.cache_info().hits
+
+
 def run_retrieval_eval(corpora_dir: Path | str, questions_csv: Path | str, chunkers: list[str],
                        chunk_sizes: int | list[int], k: int, out_json: Path | str, settings, progress: bool = True,
                        boundary_pairs: int = 32, chunker_options: dict | None = None,
@@ -110,9 +117,10 @@ def run_retrieval_eval(corpora_dir: Path | str, questions_csv: Path | str, chunk
     """Evaluate each chunker at each size with each retrieval (default: the service's); writes
     OUT.json (an object for one row, else a list, plus OUT.md and OUT.png).
 
-    A Meta-Chunking chunker's LLM signal does not depend on the size, so it is computed at the
-    first size and reused (the scorer's memo) at the others: rows whose LLM answers came from
-    the memo time only the merging in `chunking_seconds` and leave `tokens_per_s` empty. The
+    A chunker's model signal (the LLM's for Meta-Chunking, sentence embeddings for semantic)
+    does not depend on the size, so it is computed at the first size and reused (the scorer's
+    memo, the semantic chunker's cache) at the others: rows whose signal came from memory time
+    only the merging in `chunking_seconds` and leave `tokens_per_s` empty. The
     retrievals of one chunker and size share its chunks (and their timing and boundary clarity).
     """
     import torch
@@ -136,10 +144,10 @@ def run_retrieval_eval(corpora_dir: Path | str, questions_csv: Path | str, chunk
     results = []
     for name in chunkers:
         for size in sizes:
-            asked_before = resources.scorer.memo_hits if needs_lm else 0
+            hits_before = _memo_hits(resources, needs_lm)
             chunking, spans = _chunk(name, size, corpora, resources, settings.chunk_overlap,
                                      (chunker_options or {}).get(name, {}), progress)
-            reused = needs_lm and resources.scorer.memo_hits > asked_before  # the LLM answered from memory
+            reused = _memo_hits(resources, needs_lm) > hits_before  # the signal came from memory
             chunking["tokens_per_s"] = (round(llm_tokens / chunking["chunking_seconds"], 1)
                                         if llm_tokens and chunking["chunking_seconds"] > 0 and not reused else None)
             if boundary_pairs > 0:
