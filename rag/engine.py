@@ -150,7 +150,7 @@ class Engine:
         t0 = time.perf_counter()
         room = max(0, min(max_new_tokens, self.max_context - len(prompt)))
         pre = self.prefill(prompt, mode, ratio, chunk_kvs, extra_slots=room, gradual=gradual, selection=selection)
-        # Its trie is built before the first token too (~10 ms per 1K tokens of context), so it counts as prefill.
+        # The drafter's trie is built before the first token (~10 ms per 1K tokens of context): prefill time.
         drafter = new_drafter(prompt.ids()[len(prompt.header):], temperature, lookahead, self.model, self.answers)
         t_prefill = time.perf_counter()
         r = decode_loop(self.model, self.tokenizer, pre.cache, pre.logits[-1], len(prompt),

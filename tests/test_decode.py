@@ -119,6 +119,7 @@ def test_sampling_with_lookahead_draws_the_same_tokens(engine, paragraphs):
 
 def test_generate_defaults_lookahead_on_for_greedy_only(engine, paragraphs):
     prompt = _prompt(engine, paragraphs, QUESTIONS[0], 300)
+    engine.answers = AnswerMemory()  # whatever other tests left there
     on = engine.generate(prompt, max_new_tokens=24)
     assert engine.answers.answers[-1] == on.token_ids  # later requests draft from it too
     again = engine.generate(prompt, max_new_tokens=24)
