@@ -157,7 +157,8 @@ class Engine:
                         max(1, room) if room else 0, temperature=temperature, top_p=top_p, stop=stop,
                         on_text=on_text, seed=seed, drafter=drafter)
         self.release(pre.cache)
-        self.answers.add(r.ids)
+        if drafter is not None:  # only where Lookahead runs: on CUDA (off by default) nothing reads it
+            self.answers.add(r.ids)
         finish = r.finish
         if room < max_new_tokens and finish == "length":
             finish = "context"
