@@ -145,13 +145,19 @@ class LMScorer:
                 batch[r, :len(w)] = torch.as_tensor(w)
             cache = self.model.new_cache(width, batch=len(rows))
             hidden = self.model(batch.to(self.device), cache, start=0, logits_for=None)
-            target = batch[:, 1:].to(hidden.device)
-            losses = self.model.token_losses(hidden[:, :-1].flatten(0, 1), target.flatten())
-            losses = losses.view(len(rows), -1).cpu()
-            for r, w in enumerate(rows):
+            # The lm_head only for the rows whose losses are kept: not a window's leading context
+            # nor its padding. Row j of window r predicts token j + 1, the next in the flat batch.
+            spans = [(r * width + min(keep - s for s, _, keep in todo[w]) - 1, r * width + len(w) - 1)
+                     for r, w in enumerate(rows)]
+            picked = torch.cat([torch.arange(lo, hi) for lo, hi in spans])
+            losses = self.model.token_losses(hidden.flatten(0, 1)[picked.to(hidden.device)],
+                                             batch.flatten()[picked + 1].to(hidden.device)).cpu()
+            at = 0
+            for (lo, hi), w in zip(spans, rows, strict=True):
+                first = lo % width  # the span's first row in window coordinates
                 for s, e, keep in todo[w]:
-                    # losses[r, j] is the loss of token s + j + 1.
-                    out[keep:e] = losses[r, keep - s - 1:e - s - 1]
+                    out[keep:e] = losses[at + keep - s - 1 - first:at + e - s - 1 - first]
+                at += hi - lo
         return out
 
     # -- answers after a fixed prefix ------------------------------------------
