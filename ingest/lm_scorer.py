@@ -147,19 +147,18 @@ class LMScorer:
                 batch[r, :len(w)] = torch.as_tensor(w)
             cache = self.model.new_cache(width, batch=len(rows))
             hidden = self.model(batch.to(self.device), cache, start=0, logits_for=None)
-            # The lm_head only for the rows whose losses are kept: not a window's leading context
-            # nor its padding. Row j of window r predicts token j + 1, the next in the flat batch.
-            spans = [(r * width + min(keep - s for s, _, keep in todo[w]) - 1, r * width + len(w) - 1)
-                     for r, w in enumerate(rows)]
-            picked = torch.cat([torch.arange(lo, hi) for lo, hi in spans])
+            # The lm_head only for the rows whose losses are kept, not for a window's leading
+            # context or its padding: rows first..len(w)-2 of window w (row j predicts token j + 1).
+            firsts = [min(keep - s for s, _, keep in todo[w]) - 1 for w in rows]
+            picked = torch.cat([torch.arange(r * width + first, r * width + len(w) - 1)
+                                for r, (first, w) in enumerate(zip(firsts, rows, strict=True))])
             losses = self.model.token_losses(hidden.flatten(0, 1)[picked.to(hidden.device)],
                                              batch.flatten()[picked + 1].to(hidden.device)).cpu()
-            at = 0
-            for (lo, hi), w in zip(spans, rows, strict=True):
-                first = lo % width  # the span's first row in window coordinates
+            at = 0  # losses[at + j - first] is the loss of token s + j + 1
+            for first, w in zip(firsts, rows, strict=True):
                 for s, e, keep in todo[w]:
                     out[keep:e] = losses[at + keep - s - 1 - first:at + e - s - 1 - first]
-                at += hi - lo
+                at += len(w) - 1 - first
         return out
 
     # -- answers after a fixed prefix ------------------------------------------

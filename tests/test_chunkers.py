@@ -124,6 +124,13 @@ def test_windowed_losses_match_a_full_pass(lm32):
         assert torch.allclose(windowed[1:101], ref[:100], atol=1e-3)
         # Later ones see 100+ tokens instead of up to 300: close, not equal.
         assert (windowed[101:] - ref[100:]).abs().mean() < 0.5
+        # Exactly what each window alone gives, though the windows ran batched and padded and
+        # the lm_head ran only on the rows whose losses are kept.
+        for s, e, keep in plan_windows(ids, 128, 100):
+            alone = scorer.model(torch.tensor([ids[s:e]]), scorer.model.new_cache(e - s), start=0,
+                                 logits_for=slice(None))
+            want = torch.nn.functional.cross_entropy(alone[0, :-1], torch.tensor(ids[s + 1:e]), reduction="none")
+            assert torch.allclose(windowed[keep:e], want[keep - s - 1:], atol=1e-3), (s, e, keep)
     finally:
         scorer.window, scorer.context = old
 
