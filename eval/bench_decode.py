@@ -8,7 +8,7 @@ per question so machine load hits all three alike:
   dtype and prompt ids;
 - lean: kvrag's decode loop, one token per forward pass;
 - lookahead: the same loop with Lookahead drafting from the prompt's n-grams and the
-  earlier questions' answers (rag.lookahead.AnswerMemory, as the engine keeps them).
+  earlier questions' answers (rag.engine.lookahead.AnswerMemory, as the engine keeps them).
 
 Speed is decode tokens per second after the first token (prefill excluded):
 (tokens - 1) / (time of the last token - time of the first), summed over
@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from eval.samples import SAMPLE_QUESTIONS, SAMPLES
-from rag.lookahead import NgramTrie
+from rag.config import Settings
+from rag.engine.lookahead import NgramTrie
 
 log = logging.getLogger(__name__)
 
@@ -171,13 +172,13 @@ def run_decode_bench(dataset: Path | str | None = None, questions: int = 8, max_
     from transformers import AutoModelForCausalLM
 
     from rag.config import Settings
-    from rag.decode import decode
-    from rag.decode_step import stepper_for
-    from rag.embedder import Embedder
-    from rag.engine import Engine
-    from rag.lookahead import AnswerMemory, Lookahead
-    from rag.model_loader import load_model
-    from rag.native_step import NativeDecodeStep
+    from rag.engine.decode import decode
+    from rag.engine.decode_step import stepper_for
+    from rag.engine.engine import Engine
+    from rag.engine.lookahead import AnswerMemory, Lookahead
+    from rag.engine.native_step import NativeDecodeStep
+    from rag.index.embedder import Embedder
+    from rag.model.loader import load_model
 
     s = settings or Settings()
     if threads:
@@ -267,25 +268,11 @@ def add_bench_decode_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, metavar="OUT.json")
 
 
-def cmd_bench_decode(args: argparse.Namespace) -> int:
-    from rag.config import Settings
-
-    overrides = {"data_dir": args.data_dir} if getattr(args, "data_dir", None) else {}
+def cmd_bench_decode(args: argparse.Namespace, settings: Settings) -> int:
     out = run_decode_bench(args.dataset, args.questions, args.max_tokens, context_tokens=args.context_tokens,
-                           settings=Settings(**overrides), threads=args.threads)
+                           settings=settings, threads=args.threads)
     summary = {k: v for k, v in out.items() if k != "per_question"}
     print(json.dumps(summary, indent=2))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2, ensure_ascii=False))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.bench_decode", description=__doc__)
-    add_bench_decode_args(p)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    return cmd_bench_decode(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -7,7 +7,7 @@ Each round sends `round_size` streaming requests of one mode from
 wall time of its rounds, and TTFT is measured by the client (send to first
 content token, queueing included: that is what load does to users).
 
-Without --url it starts its own server (`python -m rag.server --warm`) on a
+Without --url it starts its own server (`kvrag serve --warm`) on a
 free loopback port over a data dir where the documents (default samples/) are
 ingested, so every chunk's K/V is cached before the clock starts.
 """
@@ -146,7 +146,7 @@ def own_server(settings: Settings, docs: list[Path], startup_timeout_s: float = 
     port = free_port()
     env = {**os.environ, "KVRAG_DATA_DIR": str(settings.data_dir.resolve()),
            "KVRAG_MODEL_CACHE_DIR": str(settings.models_dir.resolve()), "KVRAG_API_KEYS": ""}
-    cmd = [sys.executable, "-m", "rag.server", "--host", "127.0.0.1", "--port", str(port), "--warm",
+    cmd = [sys.executable, "-m", "rag.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--warm",
            "--log-level", "warning"]
     proc = subprocess.Popen(cmd, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -229,9 +229,3 @@ def cmd_bench_load(args: argparse.Namespace, settings: Settings | None = None) -
     print(text)
     full, blend = result["modes"]["full"], result["modes"]["blend"]
     return 1 if full["errors"] or blend["errors"] else 0
-
-
-if __name__ == "__main__":
-    parser = add_bench_load_args(argparse.ArgumentParser(prog="python -m eval.bench_load", description=__doc__))
-    parser.add_argument("--data-dir", type=Path, default=None)
-    raise SystemExit(cmd_bench_load(parser.parse_args()))

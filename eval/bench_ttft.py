@@ -33,11 +33,11 @@ import torch
 
 from cache.entry import ChunkKV
 from eval.report import markdown_table, num
-from rag.blend import BlendResult, blend_prefill
 from rag.config import Settings
-from rag.engine import Engine
-from rag.model_loader import load_model
-from rag.prompt import Prompt
+from rag.engine.blend import BlendResult, blend_prefill
+from rag.engine.engine import Engine
+from rag.engine.prompt import Prompt
+from rag.model.loader import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
@@ -336,9 +336,3 @@ def cmd_bench_ttft(args: argparse.Namespace, settings: Settings | None = None) -
           f"{result['threads']} thread(s), {result['context_tokens']} tokens, {result['prompts']} prompts\n")
     print(markdown(result))
     return 0
-
-
-if __name__ == "__main__":  # python -m eval.bench_ttft ... (the same as `kvrag bench ttft`)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_bench_ttft_args(parser)
-    raise SystemExit(cmd_bench_ttft(parser.parse_args()))

@@ -3,7 +3,7 @@
 Each chunker cuts every corpus; the chunks are embedded (identical texts once)
 into one in-memory FAISS index with ids in corpus-then-position order, so exact
 ties (finance.md repeats whole sections) go to the earlier copy. Each question
-retrieves its top k as the service does (rag.retriever: dense, or hybrid with BM25),
+retrieves its top k as the service does (rag.index.retriever: dense, or hybrid with BM25),
 scored at the character level (eval.metrics_retrieval).
 """
 
@@ -83,10 +83,10 @@ class EmbeddingCache:
 def evaluate_chunks(chunks: list[Located], corpora: dict[str, str], questions: list[Question],
                     q_vecs: np.ndarray, cache: EmbeddingCache, k: int, retrieval: str = "dense",
                     progress: bool = False) -> dict:
-    """Mean scores of the questions' top k, retrieved as the service does (rag.retriever)."""
-    from rag.lexical_index import LexicalIndex
-    from rag.retriever import Retriever
-    from rag.vector_index import VectorIndex
+    """Mean scores of the questions' top k, retrieved as the service does (rag.index.retriever)."""
+    from rag.index.lexical_index import LexicalIndex
+    from rag.index.retriever import Retriever
+    from rag.index.vector_index import VectorIndex
 
     texts = [corpora[c.corpus][c.start:c.end] for c in chunks]
     vecs = cache.embed(texts, progress=progress)
@@ -272,13 +272,3 @@ def cmd_eval_retrieval(args: argparse.Namespace, settings=None) -> int:
                                  boundary_pairs=args.boundary_pairs, retrievals=args.retrieval)
     print(markdown_table(results, COLUMNS))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    p = add_eval_retrieval_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    return cmd_eval_retrieval(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -3,7 +3,7 @@
 Idempotent by content hash and chunker settings: an unchanged file costs a hash.
 A changed file replaces its chunks and vectors; a file that cannot be read is
 reported with its reason and skipped while the rest go in. Nothing is visible to
-readers until the whole run commits (see rag.index_store); the chunk-cache
+readers until the whole run commits (see rag.index.generations); the chunk-cache
 cleanup hook runs only after the commit, so a crash never strands the previous
 index without its caches. One run at a time per index (a lock file).
 """
@@ -24,9 +24,9 @@ from tqdm import tqdm
 from ingest.chunkers import Resources, make_chunker
 from ingest.loaders import LoadError, discover, load_text
 from rag.config import Settings
-from rag.docstore import Chunk, Docstore, Document, sha256
-from rag.index_store import IndexStore
-from rag.vector_index import VectorIndex
+from rag.index.docstore import Chunk, Docstore, Document, sha256
+from rag.index.generations import IndexStore
+from rag.index.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
 

@@ -69,12 +69,12 @@ def _digest(*parts: object) -> bytes:
 
 
 class LMScorer:
-    """Loss and answer-probability queries against one causal LM (rag.model.Transformer)."""
+    """Loss and answer-probability queries against one causal LM (rag.model.transformer.Transformer)."""
 
     def __init__(self, model, tokenizer, *, window: int = 512, context: int = 64, batch_tokens: int = 1024,
                  memo_values: int = 1 << 22):
         self.model = model
-        self.tokenizer = tokenizer  # rag.tokenizer.ChatTokenizer
+        self.tokenizer = tokenizer  # rag.model.tokenizer.ChatTokenizer
         self.window = window
         self.context = context
         self.batch_tokens = batch_tokens
@@ -101,8 +101,8 @@ class LMScorer:
     @classmethod
     def load(cls, settings, **kw) -> LMScorer:
         """A scoring copy of the configured model, in the configured dtype (auto: see above)."""
-        from rag.model_loader import load_transformer, resolve_model_dir
-        from rag.tokenizer import ChatTokenizer
+        from rag.model.loader import load_transformer, resolve_model_dir
+        from rag.model.tokenizer import ChatTokenizer
 
         path = resolve_model_dir(settings.model, settings.models_dir)
         dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[settings.torch_dtype]

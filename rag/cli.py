@@ -30,7 +30,7 @@ def _kv_evictor(settings: Settings):
 
     @cache
     def rag():
-        from rag.pipeline import RAG
+        from rag.service import RAG
 
         return RAG(settings)
 
@@ -73,7 +73,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from rag.pipeline import RAG
+    from rag.service import RAG
 
     rag = RAG(_settings(args))
     if len(rag.index) == 0:
@@ -97,9 +97,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from cache.stats import load_totals, summarize
-    from rag.docstore import Docstore
-    from rag.embedder import Embedder
-    from rag.index_store import IndexStore
+    from rag.index.docstore import Docstore
+    from rag.index.embedder import Embedder
+    from rag.index.generations import IndexStore
 
     s = _settings(args)
     store = IndexStore(s.index_dir, Embedder(s.embedder).dim)
@@ -133,7 +133,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from rag.pipeline import RAG
+    from rag.service import RAG
 
     rag = RAG(_settings(args))
     if args.action == "clear":
@@ -189,45 +189,57 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_cache)
 
     s = sub.add_parser("serve", help="the OpenAI-compatible chat API (FastAPI + uvicorn)")
-    from rag.server import add_serve_args, cmd_serve
+    s.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--warm", action="store_true", help="precompute all chunk caches before serving")
+    s.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=cmd_serve)
 
-    add_serve_args(s)
-    s.set_defaults(func=lambda args: cmd_serve(args, _settings(args)))
-
-    bench = sub.add_parser("bench", help="benchmarks (each compares things within one run)")
-    bench_sub = bench.add_subparsers(dest="bench", required=True)
-    for name, module, help_text in BENCHES:
-        _add_lazy(bench_sub, "bench", name, module, help_text)
-    ev = sub.add_parser("eval", help="evaluations")
-    ev_sub = ev.add_subparsers(dest="eval", required=True)
-    for name, module, help_text in EVALS:
-        _add_lazy(ev_sub, "eval", name, module, help_text)
+    # Benchmarks and evaluations parse their own arguments: their modules (and what they import)
+    # load only when one of them runs.
+    for kind, table in (("bench", BENCHES), ("eval", EVALS)):
+        names = ", ".join(table)
+        s = sub.add_parser(kind, help=f"{kind}: {names}", description="\n".join(
+            f"{name}: {help_text}" for name, (_, help_text) in table.items()),
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        s.add_argument("name", choices=list(table), metavar="NAME", help=names)
+        s.add_argument("args", nargs=argparse.REMAINDER, help=f"the {kind}'s own arguments (NAME --help)")
+        s.set_defaults(func=cmd_lab, kind=kind)
     return p
 
 
-# (subcommand, module in eval/, help); each module has add_<kind>_<name>_args(parser) and
+def cmd_serve(args: argparse.Namespace) -> int:
+    from rag.server.run import serve
+
+    serve(_settings(args), args.host, args.port, warm=args.warm, log_level=args.log_level)
+    return 0
+
+
+# name -> (module in eval/, help); each module has add_<kind>_<name>_args(parser) and
 # cmd_<kind>_<name>(args, settings).
-BENCHES = [
-    ("cache", "eval.bench_cache", "tier load speed and TTFT by tier (memory, Redis, disk, miss, full)"),
-    ("load", "eval.bench_load", "requests/s and TTFT of full vs blend under concurrent load"),
-    ("ttft", "eval.bench_ttft", "TTFT, speedup and fidelity (KL, top-1) of full / reuse / blend ratios"),
-    ("decode", "eval.bench_decode", "decode tokens/s: transformers generate() vs lean loop vs Lookahead"),
-]
-EVALS = [
-    ("retrieval", "eval.retrieval", "chunkers on Chroma's token-level retrieval benchmark (IoU family)"),
-]
+BENCHES = {
+    "cache": ("eval.bench_cache", "tier load speed and TTFT by tier (memory, Redis, disk, miss, full)"),
+    "load": ("eval.bench_load", "requests/s and TTFT of full vs blend under concurrent load"),
+    "ttft": ("eval.bench_ttft", "TTFT, speedup and fidelity (KL, top-1) of full / reuse / blend ratios"),
+    "decode": ("eval.bench_decode", "decode tokens/s: transformers generate() vs lean loop vs Lookahead"),
+}
+EVALS = {
+    "retrieval": ("eval.retrieval", "chunkers on Chroma's token-level retrieval benchmark (IoU family)"),
+}
 
 
-def _add_lazy(sub, kind: str, name: str, module: str, help_text: str) -> None:
+def cmd_lab(args: argparse.Namespace) -> int:
+    """`kvrag bench NAME ...` / `kvrag eval NAME ...`: import the module, parse its arguments, run it."""
     import importlib
-    import inspect
 
+    module, help_text = (BENCHES if args.kind == "bench" else EVALS)[args.name]
     mod = importlib.import_module(module)
-    p = sub.add_parser(name, help=help_text)
-    getattr(mod, f"add_{kind}_{name}_args")(p)
-    run = getattr(mod, f"cmd_{kind}_{name}")
-    takes_settings = len(inspect.signature(run).parameters) > 1
-    p.set_defaults(func=lambda args: run(args, _settings(args)) if takes_settings else run(args))
+    parser = argparse.ArgumentParser(prog=f"kvrag {args.kind} {args.name}", description=help_text)
+    getattr(mod, f"add_{args.kind}_{args.name}_args")(parser)
+    own = parser.parse_args(args.args)
+    own.data_dir = args.data_dir
+    return getattr(mod, f"cmd_{args.kind}_{args.name}")(own, _settings(args))
 
 
 def main(argv: list[str] | None = None) -> int:

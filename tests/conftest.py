@@ -26,7 +26,7 @@ def models_dir() -> Path:
 @pytest.fixture(scope="session")
 def lm32(models_dir):
     """SmolLM2-135M-Instruct at float32 (the dtype oracles are compared at)."""
-    from rag.model_loader import load_model
+    from rag.model.loader import load_model
 
     return load_model("", models_dir, "float32")
 

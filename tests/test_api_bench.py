@@ -6,8 +6,8 @@ import argparse
 import json
 
 from eval.bench_load import add_bench_load_args, cmd_bench_load, percentile, run_load_bench
-from rag.api import create_app
-from rag.server import ThreadServer
+from rag.server.app import create_app
+from rag.server.run import ThreadServer
 from tests.test_api_contract import FakeRAG, _settings
 
 

@@ -19,19 +19,19 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hyp_settings
 from schemathesis import GenerationMode
 
-from rag.api import create_app
-from rag.api_documents import safe_filename
-from rag.api_errors import ApiError
 from rag.config import Settings
-from rag.docstore import Chunk
-from rag.pipeline import Answer, Hit
-from rag.server import ThreadServer
+from rag.index.docstore import Chunk
+from rag.server.app import create_app
+from rag.server.documents import safe_filename
+from rag.server.errors import ApiError
+from rag.server.run import ThreadServer
+from rag.service import Answer, Hit
 
 KEY = "sk-test-123"
 
 
 class FakeRAG:
-    """The parts of rag.pipeline.RAG the API uses; `delay_s` per generated token."""
+    """The parts of rag.service.RAG the API uses; `delay_s` per generated token."""
 
     def __init__(self, settings: Settings, delay_s: float = 0.0):
         self.settings = settings

@@ -32,10 +32,9 @@ def test_compose_wires_redis_ingest_and_api():
     assert any(v.startswith("kvrag-data:/data") for v in ingest["volumes"])
 
 
-def test_dockerfile_runs_the_server_module():
+def test_dockerfile_runs_kvrag_serve():
     text = (REPO / "Dockerfile").read_text()
-    assert '"-m", "rag.server"' in text and "HEALTHCHECK" in text and "USER kvrag" in text
-    assert (REPO / "rag" / "server.py").is_file()
+    assert 'CMD ["kvrag", "serve"' in text and "HEALTHCHECK" in text and "USER kvrag" in text
 
 
 def test_docker_compose_config():

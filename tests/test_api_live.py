@@ -17,10 +17,10 @@ import openai
 import pytest
 
 from ingest.job import ingest
-from rag.api import create_app
 from rag.config import Settings
-from rag.pipeline import RAG
-from rag.server import ThreadServer
+from rag.server.app import create_app
+from rag.server.run import ThreadServer
+from rag.service import RAG
 from tests.conftest import SAMPLES
 
 KEY = "sk-live-test"

@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rag import blend
-from rag.blend import blend_prefill, keep_counts, rerotate
 from rag.config import SYSTEM_PROMPT
-from rag.engine import Engine
-from rag.model import causal_attention, causal_groups
+from rag.engine import blend
+from rag.engine.blend import blend_prefill, keep_counts, rerotate
+from rag.engine.engine import Engine
+from rag.model.transformer import causal_attention, causal_groups
 
 TEXT = (  # three short paragraphs adapted from samples/saltmere_history.md, one chunk each
     "The Saltmere Lights Act received assent on 14 March 1871 and created the Saltmere Lights Board, "
@@ -195,7 +195,7 @@ def _reference_attention(q, k, v, allowed):
 
 @pytest.mark.parametrize("dtype, fold", [(torch.float32, 1), (torch.float32, 3), (torch.bfloat16, 3)])
 def test_scattered_queries_are_causal_by_position(dtype, fold):
-    """Folded bf16 groups run as matmuls on CPU (rag.model._matmul_attend), the others in SDPA."""
+    """Folded bf16 groups run as matmuls on CPU (rag.model.transformer._matmul_attend), the others in SDPA."""
     torch.manual_seed(0)
     s_len = 700
     slots = torch.tensor(sorted(torch.randperm(s_len)[:300].tolist()))  # several groups of ATTN_GROUP

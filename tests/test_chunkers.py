@@ -16,8 +16,8 @@ from ingest.chunkers.meta_ppl import find_minima
 from ingest.lm_scorer import LMScorer, plan_windows
 from ingest.sentences import split_sentences
 from rag.config import Settings
-from rag.embedder import MAX_WORDPIECES
-from rag.model_loader import resolve_model_dir
+from rag.index.embedder import MAX_WORDPIECES
+from rag.model.loader import resolve_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 CORPORA = REPO.parent / "shared" / "data" / "chroma_eval" / "corpora"

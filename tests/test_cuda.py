@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from cache.factory import build_store
-from rag.blend import blend_prefill
 from rag.config import SYSTEM_PROMPT
-from rag.engine import Engine
+from rag.engine.blend import blend_prefill
+from rag.engine.engine import Engine
 from tests.test_blend import QUESTION, TEXT
 from tests.test_decode import QUESTIONS, _prompt
 
@@ -25,7 +25,7 @@ CUDA = "cuda"
 
 @pytest.fixture(scope="module")
 def engine(models_dir) -> Engine:
-    from rag.model_loader import load_model
+    from rag.model.loader import load_model
 
     return Engine(load_model("", models_dir, "float32", CUDA), SYSTEM_PROMPT)
 
@@ -51,7 +51,7 @@ def test_logits_match_transformers_on_cuda(engine):
 
 def test_fingerprint_does_not_depend_on_the_device(engine, models_dir):
     """Chunk caches computed on a GPU replica are valid for a CPU one and back (same weights, dtype)."""
-    from rag.model_loader import load_model
+    from rag.model.loader import load_model
 
     assert load_model("", models_dir, "float32", "cpu").fingerprint == engine.lm.fingerprint
 

@@ -7,9 +7,9 @@ import torch
 
 from eval.samples import SAMPLE_QUESTIONS
 from rag.config import SYSTEM_PROMPT
-from rag.decode import decode
-from rag.engine import Engine
-from rag.lookahead import AnswerMemory, Lookahead
+from rag.engine.decode import decode
+from rag.engine.engine import Engine
+from rag.engine.lookahead import AnswerMemory, Lookahead
 
 QUESTIONS = (
     "How tall is the Greywater Point lighthouse?",
@@ -65,7 +65,7 @@ def test_lean_step_matches_the_model_forward_loop(engine, paragraphs):
 def engine16(models_dir) -> Engine:
     """The model in bf16, where the CPU runs bf16 natively (elsewhere it is ~8x slower than fp32)."""
     from rag.config import cpu_has_bf16
-    from rag.model_loader import load_model
+    from rag.model.loader import load_model
 
     if not cpu_has_bf16():
         pytest.skip("no native bf16 on this CPU")
@@ -84,7 +84,7 @@ def test_greedy_lookahead_is_token_for_token_identical_in_bf16(engine16, paragra
     draft row equals the plain step's exactly (the native step runs here where it can be built)."""
     # ~2K tokens and 64 new ones, as in `kvrag bench decode`: without the fix, 3 of these 8 differ.
     if step == "pytorch":  # the step of machines without a C compiler
-        from rag import decode_step
+        from rag.engine import decode_step
 
         monkeypatch.setitem(decode_step._steppers, engine16.model, decode_step.DecodeStep(engine16.model))
     _assert_lookahead_identical(engine16, paragraphs, 2000, SAMPLE_QUESTIONS, 64)
@@ -181,7 +181,7 @@ def test_plain_step_reads_the_free_room_masked_and_equals_a_gathered_tree_row(lm
     """A plain step attends over the buffer's whole free room under a -inf mask (no gather);
     its logits equal those of the same token run through the gathered (tree) path, and stay
     finite because new buffers are zeros (0 * NaN would be NaN)."""
-    from rag.decode_step import DecodeStep
+    from rag.engine.decode_step import DecodeStep
 
     model = lm32.model
     step = DecodeStep(model)

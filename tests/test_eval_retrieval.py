@@ -17,7 +17,7 @@ from eval.retrieval import (
     run_retrieval_eval,
 )
 from rag.config import Settings
-from rag.model_loader import resolve_model_dir
+from rag.model.loader import resolve_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMA = REPO.parent / "shared" / "data" / "chroma_eval"

@@ -7,11 +7,11 @@ import shutil
 import numpy as np
 import pytest
 
-from rag.docstore import Chunk, Document, sha256
-from rag.index_store import IndexStore
-from rag.lexical_index import LexicalIndex, terms
-from rag.retriever import Retriever, reciprocal_rank_fusion
-from rag.vector_index import VectorIndex
+from rag.index.docstore import Chunk, Document, sha256
+from rag.index.generations import IndexStore
+from rag.index.lexical_index import LexicalIndex, terms
+from rag.index.retriever import Retriever, reciprocal_rank_fusion
+from rag.index.vector_index import VectorIndex
 
 
 def unit(rows: int, dim: int = 8, seed: int = 0) -> np.ndarray:
@@ -73,19 +73,19 @@ def test_generation_commits_atomically_and_ids_only_grow(tmp_path):
 def test_an_interrupt_once_current_has_flipped_keeps_the_new_generation(tmp_path, monkeypatch):
     """Ctrl-C between CURRENT's replacement and the end of the commit: the generation CURRENT
     names is the new one, so the cleanup of a failed run must not delete it."""
-    import rag.index_store
+    import rag.index.generations
 
     store = IndexStore(tmp_path / "index", 8)
     with store.transaction() as (docstore, index):
         add_doc(docstore, index, "a", "alpha beta gamma", [(0, 5)])
-    before, fsync = store.current_dir(), rag.index_store._fsync_dir
+    before, fsync = store.current_dir(), rag.index.generations._fsync_dir
 
     def interrupted(path):
         if path == store.root and (store.root / "CURRENT").read_text() != before.name:
             raise KeyboardInterrupt
         fsync(path)
 
-    monkeypatch.setattr(rag.index_store, "_fsync_dir", interrupted)
+    monkeypatch.setattr(rag.index.generations, "_fsync_dir", interrupted)
     with pytest.raises(KeyboardInterrupt), store.transaction() as (docstore, index):
         add_doc(docstore, index, "b", "beta delta", [(0, 4)])
     assert store.current_dir() != before and store.current_dir().is_dir()

@@ -16,8 +16,8 @@ from ingest.chunkers import Resources
 from ingest.job import delete_documents, doc_id_for, ingest
 from ingest.loaders import LoadError, load_text
 from rag.config import Settings
-from rag.index_store import IndexStore
-from rag.model_loader import resolve_model_dir
+from rag.index.generations import IndexStore
+from rag.model.loader import resolve_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 CORPORA = REPO.parent / "shared" / "data" / "chroma_eval" / "corpora"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rag.decode_step import DecodeStep, stepper_for
-from rag.lookahead import AnswerMemory, DraftTree, Lookahead, NgramTrie, compact
+from rag.engine.decode_step import DecodeStep, stepper_for
+from rag.engine.lookahead import AnswerMemory, DraftTree, Lookahead, NgramTrie, compact
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rag.model_loader import load_transformer
+from rag.model.loader import load_transformer
 
 
 def hf_logits(path, ids):
@@ -41,8 +41,8 @@ def test_smollm2_logits_match_transformers(lm32):
 def test_bf16_masked_attention_is_as_close_to_transformers_as_sdpa(lm32, models_dir, paragraphs, monkeypatch):
     """bf16 on CPU: a span over a past of over 512 keys attends in masked groups as float32-score
     matmuls; its logits are as close to transformers' float32 ones as with SDPA's own bf16 kernel."""
-    from rag import model as model_mod
-    from rag.model_loader import load_model
+    from rag.model import transformer as model_mod
+    from rag.model.loader import load_model
 
     ids = torch.tensor([lm32.tokenizer.encode_text(" ".join(paragraphs))[:700]])
     ref = hf_logits(lm32.path, ids)[0, 40:].log_softmax(-1)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rag import native_step
-from rag.decode_step import DecodeStep
-from rag.lookahead import compact
+from rag.engine import native_step
+from rag.engine.decode_step import DecodeStep
+from rag.engine.lookahead import compact
 from tests.test_lookahead import _two_branch_tree
 from tests.test_model import hf_logits
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def lm16(models_dir):
     """bf16 on every CPU: the step's bf16 build has an AVX-512 BF16 path and a generic one."""
-    from rag.model_loader import load_model
+    from rag.model.loader import load_model
 
     return load_model("", models_dir, "bfloat16")
 
@@ -119,7 +119,7 @@ def test_native_step_matches_transformers_on_each_family(family, tmp_path):
     head: decode steps over a prefilled past against transformers run on the same bf16 weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from rag.model_loader import load_transformer
+    from rag.model.loader import load_transformer
     from tests.test_model import FAMILIES
 
     kw = dict(FAMILIES[family])

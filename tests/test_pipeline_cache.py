@@ -12,8 +12,8 @@ import torch
 
 from ingest.job import ingest
 from rag.cli import main
-from rag.kv_stream import stream_chunk_kvs
-from rag.pipeline import RAG
+from rag.engine.kv_stream import stream_chunk_kvs
+from rag.service import RAG
 from tests.conftest import SAMPLES
 
 QUESTION = "What is the highest wind gust ever recorded in the islands?"

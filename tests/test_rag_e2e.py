@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from ingest.job import delete_documents, ingest
-from rag.pipeline import RAG
+from rag.service import RAG
 from tests.conftest import SAMPLES
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rag.prompt import PromptBuilder
+from rag.engine.prompt import PromptBuilder
 
 
 def test_control_token_strings_in_documents_stay_text(lm32):

@@ -24,7 +24,7 @@ class Resources:
 
     @cached_property
     def embedder(self):
-        from rag.embedder import Embedder
+        from rag.index.embedder import Embedder
 
         return Embedder(self.settings.embedder, "cpu")
 

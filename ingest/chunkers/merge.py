@@ -12,7 +12,7 @@ from bisect import bisect_left
 from collections.abc import Sequence
 
 from ingest.chunkers.base import Span, strip_span
-from rag.embedder import MAX_WORDPIECES
+from rag.index.embedder import MAX_WORDPIECES
 
 
 class TokenCounter:

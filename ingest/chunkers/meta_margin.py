@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from ingest.chunkers.base import Span
 from ingest.chunkers.merge import TokenCounter, merge_meta_chunks
 from ingest.sentences import SentenceSplitter, split_sentences
-from rag.embedder import MAX_WORDPIECES
+from rag.index.embedder import MAX_WORDPIECES
 
 SYSTEM = "You are a helpful assistant."
 INSTRUCTION = (

@@ -15,7 +15,7 @@ import numpy as np
 from ingest.chunkers.base import Span
 from ingest.chunkers.merge import TokenCounter, merge_meta_chunks
 from ingest.sentences import SentenceSplitter, split_sentences
-from rag.embedder import MAX_WORDPIECES
+from rag.index.embedder import MAX_WORDPIECES
 
 
 class SemanticChunker:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rag.kv_cache import KVCache
+from rag.model.kv_cache import KVCache
 
 
 class _Node:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rag.lexical_index import LexicalIndex
-from rag.vector_index import VectorIndex
+from rag.index.lexical_index import LexicalIndex
+from rag.index.vector_index import VectorIndex
 
 RRF_K = 60
 CANDIDATES = 50  # how deep each ranking goes into the fusion

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from rag.tokenizer import ChatTokenizer
+from rag.model.tokenizer import ChatTokenizer
 
 # Bump when the layout changes (preamble, separators, framing): part of every KV key.
 LAYOUT_VERSION = 1

@@ -17,15 +17,15 @@ import torch
 from cache.factory import build_store
 from cache.store import TieredStore
 from rag.config import Settings
-from rag.decode_step import stepper_for
-from rag.docstore import Chunk, Docstore
-from rag.embedder import Embedder
-from rag.engine import Engine
-from rag.index_store import IndexStore
-from rag.kv_stream import stream_chunk_kvs
-from rag.model_loader import load_model
-from rag.retriever import Retriever
-from rag.vector_index import VectorIndex
+from rag.engine.decode_step import stepper_for
+from rag.engine.engine import Engine
+from rag.engine.kv_stream import stream_chunk_kvs
+from rag.index.docstore import Chunk, Docstore
+from rag.index.embedder import Embedder
+from rag.index.generations import IndexStore
+from rag.index.retriever import Retriever
+from rag.index.vector_index import VectorIndex
+from rag.model.loader import load_model
 
 log = logging.getLogger(__name__)
 

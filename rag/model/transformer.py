@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from rag.kv_cache import KVCache
-from rag.linear import Linear
+from rag.model.kv_cache import KVCache
+from rag.model.linear import Linear
 
 # Query groups for masked attention: each group only reads keys up to its last
 # slot, so a causal pass skips about half the key blocks like is_causal does.

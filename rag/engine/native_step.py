@@ -2,7 +2,7 @@
 
 A decode step reads every weight once for a few rows: its speed is how fast the weights
 stream. Through PyTorch that is ~150 small oneDNN calls and ~1,000 other ops a step
-(`rag.decode_step`); the C step does the same work in one call, with the same guarantees
+(`rag.engine.decode_step`); the C step does the same work in one call, with the same guarantees
 (each row computed on its own, in a fixed order, so Lookahead's draft rows are bitwise
 equal to plain steps) and float32 activations throughout.
 
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from rag.kv_cache import KVCache
-from rag.lookahead import tree_tails
-from rag.model import Transformer, rope_cos_sin
+from rag.engine.lookahead import tree_tails
+from rag.model.kv_cache import KVCache
+from rag.model.transformer import Transformer, rope_cos_sin
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def for_model(model: Transformer) -> NativeDecodeStep | None:
 
 
 class NativeDecodeStep:
-    """`rag.decode_step.DecodeStep`'s interface, one C call a step."""
+    """`rag.engine.decode_step.DecodeStep`'s interface, one C call a step."""
 
     # A plain step streams the weights (bf16: ~10-11 ms on 2 cores at ~2K context; float32 ~24);
     # each more row of a draft tree adds its compute, ~1.5 ms (the prompt's K/V shared by the

@@ -28,13 +28,13 @@ from starlette.formparsers import MultiPartException
 from ingest.chunkers import Resources
 from ingest.job import Ingestor, IngestSummary, delete_documents, index_lock
 from ingest.loaders import SUFFIXES, LoadError, load_text
-from rag.api_errors import ApiError
-from rag.api_schemas import DocumentText
-from rag.api_worker import GenerationWorker
 from rag.config import Settings
-from rag.docstore import Chunk
-from rag.index_store import IndexStore
-from rag.pipeline import RAG
+from rag.index.docstore import Chunk
+from rag.index.generations import IndexStore
+from rag.server.errors import ApiError
+from rag.server.schemas import DocumentText
+from rag.server.worker import GenerationWorker
+from rag.service import RAG
 
 log = logging.getLogger(__name__)
 UPLOADS = "uploads"

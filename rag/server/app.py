@@ -3,7 +3,7 @@ retrieval, document management, health and Prometheus metrics.
 
 Routes under /v1 need `Authorization: Bearer <key>` when KVRAG_API_KEYS is set;
 /healthz and /metrics stay open (probes and scrapers). Model work (chat,
-retrieval) runs on one worker thread in arrival order (rag.api_worker), so the
+retrieval) runs on one worker thread in arrival order (rag.server.worker), so the
 event loop stays free for health checks and streaming while a long generation runs.
 """
 
@@ -17,11 +17,13 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from rag.api_auth import bearer_auth, parse_keys
-from rag.api_chat import ChatRunner
-from rag.api_documents import DocumentService, documents_router
-from rag.api_errors import ApiError, BodyLimit, install_error_handlers
-from rag.api_schemas import (
+from rag.config import Settings
+from rag.server.auth import bearer_auth, parse_keys
+from rag.server.chat import ChatRunner
+from rag.server.documents import DocumentService, documents_router
+from rag.server.errors import ApiError, BodyLimit, install_error_handlers
+from rag.server.metrics import Metrics, RequestCounter
+from rag.server.schemas import (
     MAX_BODY_BYTES,
     MAX_UPLOAD_BYTES,
     ChatCompletion,
@@ -30,10 +32,8 @@ from rag.api_schemas import (
     RetrieveRequest,
     RetrieveResponse,
 )
-from rag.api_worker import GenerationWorker, QueueFull
-from rag.config import Settings
-from rag.metrics import Metrics, RequestCounter
-from rag.pipeline import RAG
+from rag.server.worker import GenerationWorker, QueueFull
+from rag.service import RAG
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 413, 503)}

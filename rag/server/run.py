@@ -7,12 +7,10 @@ same cores). Scale out with more containers sharing one Redis KV tier instead.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import socket
 import threading
 import time
-from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
@@ -23,8 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def build_app(settings: Settings, warm: bool = False) -> FastAPI:
-    from rag.api import create_app
-    from rag.pipeline import RAG
+    from rag.server.app import create_app
+    from rag.service import RAG
 
     rag = RAG(settings)
     if warm:  # precompute every chunk's K/V before the first request (a no-op when cached)
@@ -71,26 +69,3 @@ class ThreadServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
-
-
-def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The flags of `kvrag serve [--host 127.0.0.1] [--port 8000] [--warm]`."""
-    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--warm", action="store_true", help="precompute all chunk caches before serving")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    return p
-
-
-def cmd_serve(args: argparse.Namespace, settings: Settings | None = None) -> int:
-    overrides = {"data_dir": Path(args.data_dir)} if getattr(args, "data_dir", None) else {}
-    serve(settings or Settings(**overrides), args.host, args.port, warm=args.warm, log_level=args.log_level)
-    return 0
-
-
-if __name__ == "__main__":
-    parser = add_serve_args(argparse.ArgumentParser(prog="python -m rag.server", description=__doc__))
-    parser.add_argument("--data-dir", default=None)
-    cli_args = parser.parse_args()
-    logging.basicConfig(level=cli_args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    raise SystemExit(cmd_serve(cli_args))

@@ -2,7 +2,7 @@
 
 The header's K/V is computed once per engine and copied into each request's
 buffer (prefix caching); everything after it is either prefilled in full or
-blended (rag.blend); decoding then writes one token per step into the same
+blended (rag.engine.blend); decoding then writes one token per step into the same
 preallocated buffer.
 """
 
@@ -17,13 +17,13 @@ import torch
 
 from cache.entry import ChunkKV
 from cache.keys import chunk_key
-from rag.blend import blend_prefill
-from rag.decode import decode as decode_loop
-from rag.decode import new_drafter
-from rag.kv_cache import KVCache
-from rag.lookahead import AnswerMemory
-from rag.model_loader import LoadedModel
-from rag.prompt import LAYOUT_VERSION, Prompt, PromptBuilder
+from rag.engine.blend import blend_prefill
+from rag.engine.decode import decode as decode_loop
+from rag.engine.decode import new_drafter
+from rag.engine.lookahead import AnswerMemory
+from rag.engine.prompt import LAYOUT_VERSION, Prompt, PromptBuilder
+from rag.model.kv_cache import KVCache
+from rag.model.loader import LoadedModel
 
 MODES = ("full", "reuse", "blend")
 SPARE_BUFFERS = 2  # released request buffers kept for reuse (one generation thread)
@@ -146,7 +146,7 @@ class Engine:
                  temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None,
                  on_text: Callable[[str], bool | None] | None = None, seed: int | None = None,
                  lookahead: bool | None = None, gradual: int = 1, selection: str = "attention") -> Generation:
-        """Prefill then decode. `lookahead` None = Lookahead drafting where lossless (rag.decode.new_drafter)."""
+        """Prefill then decode. `lookahead` None = Lookahead drafting where lossless (rag.engine.decode.new_drafter)."""
         t0 = time.perf_counter()
         room = max(0, min(max_new_tokens, self.max_context - len(prompt)))
         pre = self.prefill(prompt, mode, ratio, chunk_kvs, extra_slots=room, gradual=gradual, selection=selection)

@@ -19,11 +19,11 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from rag.api_errors import ApiError, error_body
-from rag.api_schemas import ChatRequest
-from rag.api_worker import Cancel, GenerationWorker, Job, QueueFull
-from rag.metrics import Metrics
-from rag.pipeline import RAG, Answer
+from rag.server.errors import ApiError, error_body
+from rag.server.metrics import Metrics
+from rag.server.schemas import ChatRequest
+from rag.server.worker import Cancel, GenerationWorker, Job, QueueFull
+from rag.service import RAG, Answer
 
 log = logging.getLogger(__name__)
 

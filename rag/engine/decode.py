@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from rag.decode_step import stepper_for
-from rag.kv_cache import KVCache
-from rag.lookahead import AnswerMemory, Lookahead, compact
-from rag.model import Transformer
-from rag.sampling import sample
-from rag.tokenizer import ChatTokenizer
+from rag.engine.decode_step import stepper_for
+from rag.engine.lookahead import AnswerMemory, Lookahead, compact
+from rag.engine.sampling import sample
+from rag.model.kv_cache import KVCache
+from rag.model.tokenizer import ChatTokenizer
+from rag.model.transformer import Transformer
 
 
 @dataclass
@@ -148,7 +148,7 @@ def decode(
 def new_drafter(context: Sequence[int], temperature: float, lookahead: bool | None,
                 model: Transformer, memory: AnswerMemory | None = None) -> Lookahead | None:
     """Lookahead is on by default for greedy decoding where it is lossless: on CPU, where the
-    decode pass makes a draft row bitwise equal to a plain step (rag.decode_step, rag.native_step).
+    decode pass makes a draft row bitwise equal to a plain step (rag.engine.decode_step, rag.engine.native_step).
     On CUDA the matmul kernels change with the row count, so a bf16 draft row can differ in the
     last bit and flip a near-tie (1 of 3 test answers on an H200): there, and for sampling, only
     when asked. The tree's size is the step's own (`draft_budget`): what a row costs differs."""

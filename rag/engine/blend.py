@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 import torch
 
 from cache.entry import ChunkKV
-from rag.kv_cache import KVCache
-from rag.model import Transformer, causal_attention, causal_groups, rope_cos_sin
-from rag.prompt import Prompt
+from rag.engine.prompt import Prompt
+from rag.model.kv_cache import KVCache
+from rag.model.transformer import Transformer, causal_attention, causal_groups, rope_cos_sin
 
 # Measured defaults (eval/RESULTS_ttft.md). Layers run on all tokens before selecting: each
 # costs 1/30 of a full prefill, and layer 0 buys nothing (its cached K/V are already exact).
