@@ -3,16 +3,16 @@
 Knows keys, bytes and tensors; nothing about models or HTTP.
 """
 
-from cache.admission import AdmissionBudget
 from cache.entry import ChunkKV
 from cache.factory import build_store
 from cache.keys import chunk_key, fingerprint_tensors
+from cache.request import StoreRequest
 from cache.serde import CorruptEntry, dumps, loads
 from cache.stats import CacheStats
 from cache.store import TieredStore
 
 __all__ = [
-    "AdmissionBudget",
+    "StoreRequest",
     "CacheStats",
     "ChunkKV",
     "CorruptEntry",

@@ -12,15 +12,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from cache.admission import AdmissionBudget
 from cache.entry import ChunkKV
 from cache.memory_tier import MemoryTier
+from cache.request import StoreRequest
 from cache.serde import CorruptEntry, dumps, loads
 from cache.stats import CacheStats
 from cache.tier import ByteTier
@@ -70,24 +70,25 @@ class TieredStore:
 
     # -- requests -------------------------------------------------------------
 
-    def begin_request(self, max_new: int | None = None) -> AdmissionBudget:
-        """A memory-admission budget to share across one request's calls
-        (get_many, prefetch, put_many); defaults to max_new_per_request."""
-        return AdmissionBudget(self.max_new_per_request if max_new is None else max_new)
+    def begin_request(self, max_new: int | None = None) -> StoreRequest:
+        """One request's admissions and counts, shared across its calls (get_many, prefetch,
+        stream, put_many); max_new defaults to max_new_per_request."""
+        return StoreRequest(self.max_new_per_request if max_new is None else max_new)
 
     # -- reads ----------------------------------------------------------------
 
-    def get_many(self, keys: Sequence[str], budget: AdmissionBudget | None = None) -> dict[str, ChunkKV]:
+    def get_many(self, keys: Sequence[str], request: StoreRequest | None = None) -> dict[str, ChunkKV]:
         """Entries for the keys found in any tier, in request order; misses are absent.
 
-        Without `budget`, this call is its own request for admission purposes.
+        Without `request`, this call is its own request.
         """
         start = time.perf_counter()
-        budget = budget if budget is not None else self.begin_request()
+        request = request if request is not None else self.begin_request()
         wanted = list(dict.fromkeys(keys))
         found: dict[str, ChunkKV] = {}
         if self.memory is not None:
             found.update(self.memory.get_many(wanted))
+            request.record(self.memory.name, len(found), len(wanted) - len(found))
         missing = [k for k in wanted if k not in found]
         above: list[ByteTier] = []  # byte tiers already missed, to promote into
         for tier in self._byte_tiers:
@@ -101,29 +102,52 @@ class TieredStore:
                     continue
                 if above:
                     self._promote(above, key, data)
-                found[key] = self._admit(key, entry, budget)
+                found[key] = self._admit(key, entry, request)
+            still = [k for k in missing if k not in found]
+            request.record(tier.name, len(missing) - len(still), len(still))
             above.append(tier)
-            missing = [k for k in missing if k not in found]
+            missing = still
         self._stats.record_load((time.perf_counter() - start) * 1000, len(wanted))
         return {k: found[k] for k in wanted if k in found}
 
-    def get(self, key: str, budget: AdmissionBudget | None = None) -> ChunkKV | None:
-        return self.get_many([key], budget).get(key)
+    def get(self, key: str, request: StoreRequest | None = None) -> ChunkKV | None:
+        return self.get_many([key], request).get(key)
 
-    def prefetch(self, keys: Iterable[str], budget: AdmissionBudget | None = None) -> Future:
-        """Start get_many on a background thread; the Future yields its dict.
+    def prefetch(self, keys: Iterable[str], request: StoreRequest | None = None) -> Future:
+        """Start get_many on a background thread; the Future yields its dict."""
+        return self._prefetcher.submit(self.get_many, list(keys), request)
 
-        Lets the engine overlap KV loads with embedding the question.
+    def stream(self, keys: Sequence[str], request: StoreRequest) -> Iterator[ChunkKV | None]:
+        """Start loading every key now; yield each entry (None: a miss) in order as it lands.
+
+        Two reads, submitted before the first yield: the first key alone (it lands first, and
+        the caller can use it while the rest load) and the others in one batch (one MGET, not
+        k GETs). A failed load is a miss. `request.wait_ms` adds up the time blocked here.
         """
-        return self._prefetcher.submit(self.get_many, list(keys), budget)
+        loads = [self.prefetch(keys[:1], request)] if keys else []
+        if len(keys) > 1:
+            loads += [self.prefetch(keys[1:], request)] * (len(keys) - 1)
+
+        def entries() -> Iterator[ChunkKV | None]:
+            for key, load in zip(keys, loads, strict=True):
+                t0 = time.perf_counter()
+                try:
+                    entry = load.result().get(key)
+                except Exception:  # a store failure must never fail the request
+                    log.warning("chunk K/V load failed; served as a miss", exc_info=True)
+                    entry = None
+                request.wait_ms += 1000 * (time.perf_counter() - t0)
+                yield entry
+
+        return entries()
 
     # -- writes ---------------------------------------------------------------
 
-    def put_many(self, entries: Mapping[str, ChunkKV], budget: AdmissionBudget | None = None) -> None:
+    def put_many(self, entries: Mapping[str, ChunkKV], request: StoreRequest | None = None) -> None:
         """Write through to every tier (serialized once for the byte tiers)."""
         if not entries:
             return
-        budget = budget if budget is not None else self.begin_request()
+        request = request if request is not None else self.begin_request()
         if self._byte_tiers:
             values = {key: dumps(entry, self.fingerprint) for key, entry in entries.items()}
             for tier in self._byte_tiers:
@@ -131,11 +155,11 @@ class TieredStore:
         if self.memory is not None:
             for key, entry in entries.items():
                 # Replacing a resident entry is not a new admission.
-                if key in self.memory or budget.take():
+                if key in self.memory or request.take():
                     self.memory.put(key, entry)
 
-    def put(self, key: str, entry: ChunkKV, budget: AdmissionBudget | None = None) -> None:
-        self.put_many({key: entry}, budget)
+    def put(self, key: str, entry: ChunkKV, request: StoreRequest | None = None) -> None:
+        self.put_many({key: entry}, request)
 
     def delete(self, key: str) -> None:
         for tier in self._all_tiers():
@@ -197,8 +221,8 @@ class TieredStore:
     def _all_tiers(self) -> list:
         return [t for t in (self.memory, *self._byte_tiers) if t is not None]
 
-    def _admit(self, key: str, entry: ChunkKV, budget: AdmissionBudget) -> ChunkKV:
-        if self.memory is not None and budget.take():
+    def _admit(self, key: str, entry: ChunkKV, request: StoreRequest) -> ChunkKV:
+        if self.memory is not None and request.take():
             stored = self.memory.put(key, entry)
             if stored is not None:
                 return stored

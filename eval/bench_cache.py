@@ -28,8 +28,8 @@ from cache.redis_tier import RedisTier
 from cache.store import TieredStore
 from rag.config import Settings
 from rag.engine.engine import Engine
-from rag.engine.kv_stream import stream_chunk_kvs
 from rag.engine.prompt import Prompt
+from rag.engine.request import Request
 from rag.model.loader import load_model
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / "samples"
@@ -47,12 +47,13 @@ def corpus_chunks(engine: Engine, corpus: Path, n_chunks: int, chunk_tokens: int
 
 
 def _ttft_ms(engine: Engine, prompt: Prompt, store: TieredStore | None, ratio: float, streamed: bool,
-             stats: dict | None = None) -> float:
+             request: Request | None = None) -> float:
     t0 = time.perf_counter()
     if store is None:
         pre = engine.prefill(prompt, "full")
-    elif streamed:
-        pre = engine.prefill(prompt, "blend", ratio, stream_chunk_kvs(store, engine, prompt, stats))
+    elif streamed:  # the engine's own path: loads stream in while it stitches
+        engine.store = store
+        pre = engine.prefill(prompt, "blend", ratio, engine.chunk_kvs(prompt, request or Request()))
     else:
         keys = [engine.chunk_key(ids) for ids in prompt.chunks]
         found = store.get_many(keys)
@@ -72,14 +73,13 @@ def run_cache_bench(settings: Settings, corpus: Path | None = None, n_chunks: in
                     ratio: float = 0.15, repeats: int = 3, redis_url: str = "redis://127.0.0.1:6379/0") -> dict:
     lm = load_model(settings.model, settings.models_dir, settings.torch_dtype, settings.torch_device)
     engine = Engine(lm, settings.system_prompt, settings.max_context_tokens)
-    engine.header_kv()
     texts = corpus_chunks(engine, corpus or DEFAULT_CORPUS, n_chunks, chunk_tokens)
     prompt = engine.prompts.build(texts, "Which facts in these documents matter most, and why?")
     kvs = {engine.chunk_key(ids): engine.chunk_kv(ids) for ids in prompt.chunks}
     out = bench_tiers(redis_url=redis_url, repeats=max(5, repeats * 3),
                       entry=next(iter(kvs.values())))
     tmp = Path(tempfile.mkdtemp(prefix="kvrag-bench-cache-"))
-    fp = lm.fingerprint
+    fp = engine.fingerprint
     redis = RedisTier(redis_url, 600, f"kvrag:bench:{uuid.uuid4().hex}:") if redis_url else None
     stores = {
         "memory_hit": TieredStore(memory=MemoryTier(1 << 30, settings.torch_device), fingerprint=fp),
@@ -101,10 +101,10 @@ def run_cache_bench(settings: Settings, corpus: Path | None = None, n_chunks: in
             for name, streamed in cases:
                 if name == "miss":
                     stores[name].clear()  # the streamed path stores what it computed
-                stats: dict = {}
-                times[name, streamed].append(_ttft_ms(engine, prompt, stores.get(name), ratio, streamed, stats))
+                request = Request()
+                times[name, streamed].append(_ttft_ms(engine, prompt, stores.get(name), ratio, streamed, request))
                 if name in waits and streamed:
-                    waits[name].append(stats["kv_wait_ms"])
+                    waits[name].append(request.store.wait_ms)
             for name in loads:
                 loads[name].append(_load_ms(engine, prompt, stores[name]))
         med = {case: round(statistics.median(v), 1) for case, v in times.items()}

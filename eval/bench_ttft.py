@@ -109,11 +109,11 @@ def _full(engine: Engine, prompt: Prompt) -> tuple[float, torch.Tensor]:
 
 
 def _blend(engine: Engine, prompt: Prompt, kvs: list[ChunkKV], ratio: float,
-           gradual: int, selection: str) -> tuple[float, BlendResult]:
+           gradual: int) -> tuple[float, BlendResult]:
     # What Engine.prefill(mode="blend") does, called directly to keep the per-layer timings.
     t0 = time.perf_counter()
     cache = engine.new_cache(len(prompt))
-    r = blend_prefill(engine.model, cache, prompt, kvs, ratio, gradual=gradual, selection=selection)
+    r = blend_prefill(engine.model, cache, prompt, kvs, ratio, gradual=gradual)
     int(r.logits[-1].argmax())
     ms = 1000 * (time.perf_counter() - t0)
     engine.release(cache)
@@ -142,26 +142,21 @@ def _per_token_layer(r: BlendResult, layers: range | list[int]) -> float | None:
 
 def run_ttft_bench(settings: Settings, corpus: Path | None = None, chunks: int = 4, chunk_tokens: int = 512,
                    question_tokens: int = 32, ratios: tuple[float, ...] = DEFAULT_RATIOS, repeats: int = 3,
-                   gradual: int = 1, gradual_row: int = 3, n_prompts: int = 3,
-                   deviation_row: bool = True) -> dict:
+                   gradual: int = 1, gradual_row: int = 3, n_prompts: int = 3) -> dict:
     """Full prefill vs blend at each ratio (single check layer, or `gradual` check layers),
     plus, at the ratio in (0, 1) nearest 0.15, one gradual-filtering row (`gradual_row` check
-    layers) and one row with the paper's selection (K/V deviation at check layer 1)."""
+    layers)."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     lm = load_model(settings.model, settings.models_dir, settings.torch_dtype, settings.torch_device)
     engine = Engine(lm, settings.system_prompt, settings.max_context_tokens)
-    engine.header_kv()
     prompts = build_prompts(engine, corpus or default_corpus(), n_prompts, chunks, chunk_tokens, question_tokens)
     kvs = [[engine.chunk_kv(c) for c in p.chunks] for p in prompts]  # also warms the model up
-    modes = [(float(r), gradual, "attention") for r in ratios]
+    modes = [(float(r), gradual) for r in ratios]
     partial_ratios = [float(r) for r in ratios if 0 < r < 1]  # where there is something to filter
     near = min(partial_ratios, key=lambda r: abs(r - 0.15)) if partial_ratios else 0.15
-    if partial_ratios:
-        if gradual_row and gradual_row != gradual:
-            modes.append((near, gradual_row, "attention"))
-        if deviation_row:
-            modes.append((near, 1, "deviation"))
+    if partial_ratios and gradual_row and gradual_row != gradual:
+        modes.append((near, gradual_row))
 
     # The per-token yardstick for the blend's partial layers: a prefill of as many tokens as the
     # blend nearest ratio 0.15 computes (its recomputed ones plus the question), over a past.
@@ -221,7 +216,7 @@ def run_ttft_bench(settings: Settings, corpus: Path | None = None, chunks: int =
         t = statistics.median(ms[m])
         q = [kl_top1(logits[None][i], logits[m][i]) for i in range(len(prompts))]
         out_modes.append({
-            "ratio": m[0], "gradual": m[1], "selection": m[2], "ttft_ms": round(t, 1), "speedup": round(full / t, 2),
+            "ratio": m[0], "gradual": m[1], "ttft_ms": round(t, 1), "speedup": round(full / t, 2),
             "kl_mean": round(statistics.fmean(k for k, _, _ in q), 5),
             "top1": round(statistics.fmean(a for _, a, _ in q), 4),
             "first_token": round(statistics.fmean(f for _, _, f in q), 3),
@@ -251,16 +246,16 @@ def _round(values: list[float], digits: int) -> float | None:
 
 
 def markdown(result: dict) -> str:
-    rows = [{"ratio": "full", "gradual": "", "selection": "", "ttft_ms": result["full"]["ttft_ms"], "speedup": 1.0,
+    rows = [{"ratio": "full", "gradual": "", "ttft_ms": result["full"]["ttft_ms"], "speedup": 1.0,
              "kl_mean": 0.0, "top1": 1.0, "first_token": 1.0, "recomputed_tokens": result["reused_tokens"],
              "ms_per_token_layer_partial": result["full"]["ms_per_token_layer"],
              "mean_keys_per_token": result["full"]["mean_keys_per_token"]}, *result["modes"]]
     if span := result.get("span"):
-        rows.append({"ratio": f"span of {span['tokens']} over a past", "gradual": "", "selection": "",
+        rows.append({"ratio": f"span of {span['tokens']} over a past", "gradual": "",
                      "recomputed_tokens": "",
                      "ttft_ms": span["ttft_ms"], "ms_per_token_layer_partial": span["ms_per_token_layer"],
                      "mean_keys_per_token": span["mean_keys_per_token"]})
-    cols = [("ratio", "ratio", str), ("selection", "selection", str), ("gradual", "check layers", str),
+    cols = [("ratio", "ratio", str), ("gradual", "check layers", str),
             ("ttft_ms", "TTFT ms", num(0)),
             ("speedup", "speedup", num(2)), ("kl_mean", "KL mean", num(4)), ("top1", "top-1", num(3)),
             ("first_token", "first token", num(2)),
@@ -277,7 +272,7 @@ def plot(result: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     main = result["modes"][0]
-    rows = sorted((m for m in result["modes"] if (m["gradual"], m["selection"]) == (main["gradual"], main["selection"])),
+    rows = sorted((m for m in result["modes"] if m["gradual"] == main["gradual"]),
                   key=lambda m: m["ratio"])
     x = [m["ratio"] for m in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
@@ -289,7 +284,7 @@ def plot(result: dict, path: Path) -> Path:
     extra = [m for m in result["modes"] if m not in rows]
     for j, m in enumerate(extra):
         color = f"C{2 + j}"
-        label = f"{m['selection']}, {m['gradual']} check layer(s)"
+        label = f"{m['gradual']} check layers"
         a1.plot(m["ratio"], m["speedup"], "s", color=color, label=label)
         a2.plot(m["ratio"], m["kl_mean"], "s", color=color, label=label)
     if extra:

@@ -25,7 +25,7 @@ from ingest.chunkers import Resources, make_chunker
 from ingest.loaders import LoadError, discover, load_text
 from rag.config import Settings
 from rag.index.docstore import Chunk, Docstore, Document, sha256
-from rag.index.generations import IndexStore
+from rag.index.generations import IndexGenerations
 from rag.index.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def ingest(
     files = discover(paths)
     resources = resources or Resources(settings)
     summary = IngestSummary(files=len(files))
-    store = IndexStore(settings.index_dir, resources.embedder.dim)
+    store = IndexGenerations(settings.index_dir, resources.embedder.dim)
     overlap = settings.chunk_overlap if chunk_overlap is None else chunk_overlap
     with index_lock(settings.index_dir), store.transaction() as (docstore, index):
         job = Ingestor(docstore, index, resources, chunker or settings.chunker,
@@ -195,7 +195,7 @@ def delete_documents(doc_ids: list[str], settings: Settings, on_removed: Removed
                      resources: Resources | None = None) -> dict[str, int]:
     """Remove documents by id; returns {doc_id: chunks removed}; unknown ids raise KeyError."""
     resources = resources or Resources(settings)
-    store = IndexStore(settings.index_dir, resources.embedder.dim)
+    store = IndexGenerations(settings.index_dir, resources.embedder.dim)
     removed = {}
     with index_lock(settings.index_dir), store.transaction() as (docstore, index):
         # Deleting needs no chunker: the token baseline is the cheapest to construct.

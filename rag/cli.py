@@ -15,9 +15,8 @@ from rag.config import Settings
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {"data_dir": args.data_dir} if args.data_dir else {}
-    for name in ("selection", "gradual"):  # `kvrag ask` blend options
-        if getattr(args, name, None) is not None:
-            overrides[f"blend_{name}"] = getattr(args, name)
+    if getattr(args, "gradual", None) is not None:  # `kvrag ask --gradual`
+        overrides["blend_gradual"] = args.gradual
     return Settings(**overrides)
 
 
@@ -29,15 +28,13 @@ def _kv_evictor(settings: Settings):
     """Deletes the chunk caches of removed chunks (the model loads only if some were removed)."""
 
     @cache
-    def rag():
-        from rag.service import RAG
+    def service():
+        from rag.service import RAGService
 
-        return RAG(settings)
+        return RAGService(settings)
 
     def on_removed(chunks) -> None:
-        r = rag()
-        for c in chunks:
-            r.store.delete(r.engine.chunk_key(r.engine.prompts.chunk_ids(c.text)))
+        service().forget_chunks(chunks)
 
     return on_removed
 
@@ -73,25 +70,31 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from rag.service import RAG
+    from rag.engine.request import GenerationParams
+    from rag.service import RAGService
 
-    rag = RAG(_settings(args))
+    settings = _settings(args)
+    rag = RAGService(settings)
     if len(rag.index) == 0:
         print("the index is empty: run `kvrag ingest PATH` first", file=sys.stderr)
         return 1
     stream = None if args.json else (lambda t: print(t, end="", flush=True))
-    ans = rag.answer(args.question, k=args.k, mode=args.mode, ratio=args.ratio,
-                     max_new_tokens=args.max_tokens, temperature=args.temperature, on_text=stream)
+    params = GenerationParams(max_new_tokens=args.max_tokens or settings.max_new_tokens,
+                              temperature=args.temperature)
+    ans = rag.answer(args.question, k=args.k, mode=args.mode, ratio=args.ratio, params=params,
+                     on_text=stream)
     if args.json:
         _print_json(ans.as_dict())
         return 0
     print("\n\nSources:")
     for i, h in enumerate(ans.hits, 1):
-        excerpt = " ".join(h.chunk.text.split())[:160]
-        print(f"  [{i}] {h.chunk.doc_id} chars {h.chunk.start}-{h.chunk.end} (score {h.score:.3f}): {excerpt}...")
-    t = ans.timings_ms
-    print(f"\nmode {ans.mode}; retrieve {t['retrieve']:.0f} ms, kv load {t['kv_load']:.0f} ms, "
-          f"prefill {t['prefill']:.0f} ms, ttft {t['ttft']:.0f} ms, total {t['total']:.0f} ms")
+        c = h.chunk
+        excerpt = " ".join(c.text.split())[:160]
+        print(f"  [{i}] {c.doc_id} chars {c.start}-{c.end} (score {h.score:.3f}): {excerpt}...")
+    t = ans.request.timings_ms
+    print(f"\nmode {ans.request.mode}; retrieve {t['retrieve']:.0f} ms, "
+          f"kv load {t['kv_load']:.0f} ms, prefill {t['prefill']:.0f} ms, ttft {t['ttft']:.0f} ms, "
+          f"total {t['total']:.0f} ms")
     return 0
 
 
@@ -99,10 +102,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from cache.stats import load_totals, summarize
     from rag.index.docstore import Docstore
     from rag.index.embedder import Embedder
-    from rag.index.generations import IndexStore
+    from rag.index.generations import IndexGenerations
 
     s = _settings(args)
-    store = IndexStore(s.index_dir, Embedder(s.embedder).dim)
+    store = IndexGenerations(s.index_dir, Embedder(s.embedder).dim)
     docstore, index, _ = store.open()
     gen = store.current_dir()
     out = {**docstore.counts(), "index_vectors": len(index), "generation": gen.name if gen else None,
@@ -133,17 +136,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from rag.service import RAG
+    from rag.service import RAGService
 
-    rag = RAG(_settings(args))
+    rag = RAGService(_settings(args))
     if args.action == "clear":
-        rag.store.clear()
-        print("cleared:", ", ".join(rag.store.tier_names))
+        print("cleared:", ", ".join(rag.clear_cache()))
         return 0
     with tqdm(total=len(rag.index), desc="warm", unit="chunk") as bar:
         computed = rag.warm(progress=bar.update)
     print(f"{computed} chunk caches computed, {len(rag.index) - computed} already present")
-    _print_json(rag.store.stats())
+    _print_json(rag.cache_stats())
     return 0
 
 
@@ -172,8 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--k", type=int, default=None)
     s.add_argument("--mode", choices=["full", "reuse", "blend"], default=None)
     s.add_argument("--ratio", type=float, default=None, help="blend recompute ratio (default 0.15)")
-    s.add_argument("--selection", choices=["attention", "deviation"], default=None,
-                   help="blend token selection: the question's attention (default) or CacheBlend's K/V deviation")
     s.add_argument("--gradual", type=int, default=None, help="check layers for gradual filtering (default 1)")
     s.add_argument("--max-tokens", type=int, default=None)
     s.add_argument("--temperature", type=float, default=0.0)

@@ -48,8 +48,6 @@ class Settings(BaseSettings):
 
     mode: Literal["full", "reuse", "blend"] = "blend"
     blend_ratio: float = Field(0.15, ge=0.0, le=1.0)
-    # How the blend picks the tokens to recompute (rag/blend.py; measured in eval/RESULTS_ttft.md).
-    blend_selection: Literal["attention", "deviation"] = "attention"
     blend_gradual: int = Field(1, ge=1, le=8)  # check layers the selection shrinks over (1 = one)
     max_new_tokens: int = 128
     max_context_tokens: int = 8192

@@ -10,7 +10,6 @@ import asyncio
 import json
 import threading
 import time
-from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -20,6 +19,7 @@ from hypothesis import settings as hyp_settings
 from schemathesis import GenerationMode
 
 from rag.config import Settings
+from rag.engine.request import GenerationParams, Request
 from rag.index.docstore import Chunk
 from rag.server.app import create_app
 from rag.server.documents import safe_filename
@@ -31,15 +31,14 @@ KEY = "sk-test-123"
 
 
 class FakeRAG:
-    """The parts of rag.service.RAG the API uses; `delay_s` per generated token."""
+    """The parts of rag.service.RAGService the API uses; `delay_s` per generated token."""
+
+    model_name = "fake-lm"
 
     def __init__(self, settings: Settings, delay_s: float = 0.0):
         self.settings = settings
         self.delay_s = delay_s
-        self.store = None
-        self.engine = SimpleNamespace(lm=SimpleNamespace(name="fake-lm"))
         self.index: list[int] = [1, 2, 3]
-        self.docstore = SimpleNamespace(list_documents=lambda: [])
         self.calls: list[str] = []
         self.active = 0
         self.max_active = 0
@@ -48,28 +47,48 @@ class FakeRAG:
     def reload_index(self) -> bool:
         return False
 
+    def documents(self) -> list[dict]:
+        return []
+
+    def cache_stats(self) -> dict:
+        return {"tiers": {}}
+
+    def redis_state(self) -> str:
+        return "disabled"
+
+    def persist_stats(self, min_interval_s: float = 0.0) -> None:
+        pass
+
+    def forget_chunks(self, chunks) -> None:
+        pass
+
     def retrieve(self, question: str, k: int) -> list[Hit]:
         chunk = Chunk(7, "docs/a.md", 10, 30, "Greywater Point is 34 m", 6, "h")
         return [Hit(chunk, 0.9)][:k]
 
-    def answer(self, question: str, *, on_text=None, max_new_tokens=None, mode=None, **kw) -> Answer:
+    def answer(self, question: str, *, params: GenerationParams | None = None, on_text=None,
+               mode=None, **kw) -> Answer:
         self.active += 1
         self.max_active = max(self.max_active, self.active)
         self.calls.append(question)
+        params = params or GenerationParams(max_new_tokens=4)
+        request = Request(mode=mode or "blend", params=params, on_text=on_text)
         try:
             words, finish = [], "length"
-            for i in range(max_new_tokens or 4):
+            for i in range(params.max_new_tokens):
                 time.sleep(self.delay_s)
                 words.append(f" w{i}")
                 if on_text is not None and on_text(f" w{i}") is False:
                     self.cancelled += 1
                     finish = "cancelled"
                     break
-            timings = dict.fromkeys(("retrieve", "kv_load", "prefill", "ttft", "decode", "total"), 1.0)
-            usage = {"prompt_tokens": 10, "completion_tokens": len(words), "total_tokens": 10 + len(words)}
-            return Answer("".join(words).strip(), self.retrieve(question, 1), mode or "blend", finish,
-                          timings, usage, {"kv_hits": 1, "kv_misses": 0, "reused_tokens": 5,
-                                           "recomputed_tokens": 1})
+            request.timings_ms = dict.fromkeys(
+                ("retrieve", "kv_load", "prefill", "ttft", "decode", "total"), 1.0)
+            request.text, request.finish_reason = "".join(words).strip(), finish
+            request.output_ids = list(range(len(words)))
+            request.prompt_tokens, request.chunk_hits = 10, 1
+            request.reused_tokens, request.recomputed_tokens = 5, 1
+            return Answer(self.retrieve(question, 1), request)
         finally:
             self.active -= 1
 

@@ -20,7 +20,7 @@ from ingest.job import ingest
 from rag.config import Settings
 from rag.server.app import create_app
 from rag.server.run import ThreadServer
-from rag.service import RAG
+from rag.service import RAGService
 from tests.conftest import SAMPLES
 
 KEY = "sk-live-test"
@@ -46,7 +46,7 @@ def live(tmp_path_factory, models_dir):
     os.chdir(root)  # doc ids relative to it: docs/<file>.md
     try:
         ingest(["docs"], settings, progress=False)
-        rag = RAG(settings)
+        rag = RAGService(settings)
         with ThreadServer(create_app(settings, rag)) as server:
             yield server, rag, settings
     finally:
@@ -112,7 +112,7 @@ def test_auth_on(live):
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
         good = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
-        assert [m.id for m in good.models.list()] == [rag.engine.lm.name]
+        assert [m.id for m in good.models.list()] == [rag.model_name]
         r = httpx.post(f"{server.url}/v1/retrieve", json={"query": "ferry", "k": 1},
                        headers={"Authorization": f"Bearer {KEY}"})
         assert r.status_code == 200 and r.json()["data"]
@@ -178,7 +178,7 @@ def test_eight_concurrent_streams_finish_and_health_answers(live):
 def test_health_and_metrics(live):
     server, rag, settings = live
     h = httpx.get(f"{server.url}/healthz").json()
-    assert h["model_loaded"] and h["model"] == rag.engine.lm.name
+    assert h["model_loaded"] and h["model"] == rag.model_name
     assert h["redis"] == ("up" if settings.redis_url else "disabled")
     text = httpx.get(f"{server.url}/metrics").text
     assert 'kvrag_requests_total{method="POST",route="/v1/chat/completions",status="200"}' in text

@@ -17,7 +17,7 @@ from rag.config import SYSTEM_PROMPT
 from rag.engine.blend import blend_prefill
 from rag.engine.engine import Engine
 from tests.test_blend import QUESTION, TEXT
-from tests.test_decode import QUESTIONS, _prompt
+from tests.test_decode import QUESTIONS, _generate, _prompt
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 CUDA = "cuda"
@@ -53,7 +53,7 @@ def test_fingerprint_does_not_depend_on_the_device(engine, models_dir):
     """Chunk caches computed on a GPU replica are valid for a CPU one and back (same weights, dtype)."""
     from rag.model.loader import load_model
 
-    assert load_model("", models_dir, "float32", "cpu").fingerprint == engine.lm.fingerprint
+    assert Engine(load_model("", models_dir, "float32", "cpu"), SYSTEM_PROMPT).fingerprint == engine.fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -95,34 +95,34 @@ def test_greedy_lookahead_is_token_for_token_identical_on_cuda_in_float32(engine
     accepted = 0
     for q in QUESTIONS:
         prompt = _prompt(engine, paragraphs, q, 1000)
-        on = engine.generate(prompt, mode="blend", max_new_tokens=40, lookahead=True)
-        off = engine.generate(prompt, mode="blend", max_new_tokens=40)
-        assert on.token_ids == off.token_ids, (q, off.text, on.text)
-        assert off.stats["draft_accepted_tokens"] == 0  # off by default on CUDA
-        accepted += on.stats["draft_accepted_tokens"]
+        on = _generate(engine, prompt, mode="blend", max_new_tokens=40, lookahead=True)
+        off = _generate(engine, prompt, mode="blend", max_new_tokens=40)
+        assert on.output_ids == off.output_ids, (q, off.text, on.text)
+        assert off.accepted_drafts == 0  # off by default on CUDA
+        accepted += on.accepted_drafts
     assert accepted > 0
 
 
 def test_sampling_and_the_context_limit_on_cuda(engine, paragraphs):
     prompt = _prompt(engine, paragraphs, QUESTIONS[1], 300)
-    a = engine.generate(prompt, max_new_tokens=16, temperature=0.7, top_p=0.9, seed=3)
-    b = engine.generate(prompt, max_new_tokens=16, temperature=0.7, top_p=0.9, seed=3)
-    assert a.token_ids == b.token_ids and len(a.token_ids) > 0
+    a = _generate(engine, prompt, max_new_tokens=16, temperature=0.7, top_p=0.9, seed=3)
+    b = _generate(engine, prompt, max_new_tokens=16, temperature=0.7, top_p=0.9, seed=3)
+    assert a.output_ids == b.output_ids and len(a.output_ids) > 0
     small = Engine(engine.lm, SYSTEM_PROMPT, max_context=len(prompt) + 12)
-    gen = small.generate(prompt, max_new_tokens=200, mode="blend")
-    assert gen.finish_reason == "context" and 0 < len(gen.token_ids) <= 12
+    gen = _generate(small, prompt, max_new_tokens=200, mode="blend")
+    assert gen.finish_reason == "context" and 0 < len(gen.output_ids) <= 12
 
 
 def test_memory_tier_serves_chunk_kv_from_device_memory(engine, case, tmp_path):
     """Memory-tier hits come back on the GPU without a copy; disk hits are moved there."""
     _, kvs, _ = case
     kv = kvs[1]
-    store = build_store(64, tmp_path, 64, None, None, device=CUDA, fingerprint=engine.lm.fingerprint)
+    store = build_store(64, tmp_path, 64, None, None, device=CUDA, fingerprint=engine.fingerprint)
     with store:
         store.put("chunk", kv.to("cpu"))
         store.flush()
         hit = store.get("chunk")
         assert hit.k.device.type == CUDA and torch.equal(hit.k, kv.k) and torch.equal(hit.v, kv.v)
-    with build_store(0, tmp_path, 64, None, None, device=CUDA, fingerprint=engine.lm.fingerprint) as disk_only:
+    with build_store(0, tmp_path, 64, None, None, device=CUDA, fingerprint=engine.fingerprint) as disk_only:
         hit = disk_only.get("chunk")
         assert hit.k.device.type == CUDA and torch.equal(hit.v, kv.v)

@@ -10,6 +10,7 @@ from rag.config import SYSTEM_PROMPT
 from rag.engine.decode import decode
 from rag.engine.engine import Engine
 from rag.engine.lookahead import AnswerMemory, Lookahead
+from rag.engine.request import GenerationParams, Request
 
 QUESTIONS = (
     "How tall is the Greywater Point lighthouse?",
@@ -42,8 +43,12 @@ def _prompt(engine: Engine, paragraphs: list[str], question: str, n_tokens: int)
 
 def _run(engine: Engine, pre, prompt, max_new: int, drafter=None, **kw):
     pre.cache.length = len(prompt)
-    return decode(engine.model, engine.tokenizer, pre.cache, pre.logits[-1], len(prompt), max_new,
-                  drafter=drafter, **kw)
+    return decode(engine.model, engine.step, engine.tokenizer, pre.cache, pre.logits[-1], len(prompt),
+                  max_new, drafter=drafter, **kw)
+
+
+def _generate(engine: Engine, prompt, mode: str = "full", **params) -> Request:
+    return engine.generate(Request(mode=mode, params=GenerationParams(**params)), prompt)
 
 
 def test_lean_step_matches_the_model_forward_loop(engine, paragraphs):
@@ -84,9 +89,9 @@ def test_greedy_lookahead_is_token_for_token_identical_in_bf16(engine16, paragra
     draft row equals the plain step's exactly (the native step runs here where it can be built)."""
     # ~2K tokens and 64 new ones, as in `kvrag bench decode`: without the fix, 3 of these 8 differ.
     if step == "pytorch":  # the step of machines without a C compiler
-        from rag.engine import decode_step
+        from rag.engine.decode_step import DecodeStep
 
-        monkeypatch.setitem(decode_step._steppers, engine16.model, decode_step.DecodeStep(engine16.model))
+        monkeypatch.setattr(engine16, "step", DecodeStep(engine16.model))
     _assert_lookahead_identical(engine16, paragraphs, 2000, SAMPLE_QUESTIONS, 64)
 
 
@@ -120,16 +125,16 @@ def test_sampling_with_lookahead_draws_the_same_tokens(engine, paragraphs):
 def test_generate_defaults_lookahead_on_for_greedy_only(engine, paragraphs):
     prompt = _prompt(engine, paragraphs, QUESTIONS[0], 300)
     engine.answers = AnswerMemory()  # whatever other tests left there
-    on = engine.generate(prompt, max_new_tokens=24)
-    assert engine.answers.answers[-1] == on.token_ids  # later requests draft from it too
-    again = engine.generate(prompt, max_new_tokens=24)
-    off = engine.generate(prompt, max_new_tokens=24, lookahead=False)
-    assert on.token_ids == again.token_ids == off.token_ids and on.text == off.text
+    on = _generate(engine, prompt, max_new_tokens=24)
+    assert engine.answers.answers[-1] == on.output_ids  # later requests draft from it too
+    again = _generate(engine, prompt, max_new_tokens=24)
+    off = _generate(engine, prompt, max_new_tokens=24, lookahead=False)
+    assert on.output_ids == again.output_ids == off.output_ids and on.text == off.text
     # Asked again, the answer's own n-grams are in the memory: more of it is drafted right.
-    assert again.stats["draft_accepted_tokens"] > on.stats["draft_accepted_tokens"]
-    assert on.stats["decode_steps"] < off.stats["decode_steps"] and off.stats["draft_accepted_tokens"] == 0
-    sampled = engine.generate(prompt, max_new_tokens=8, temperature=0.7, seed=1)
-    assert sampled.stats["draft_accepted_tokens"] == 0
+    assert again.accepted_drafts > on.accepted_drafts
+    assert on.decode_steps < off.decode_steps and off.accepted_drafts == 0
+    sampled = _generate(engine, prompt, max_new_tokens=8, temperature=0.7, seed=1)
+    assert sampled.accepted_drafts == 0
 
 
 @pytest.mark.parametrize("lookahead", [False, True])
@@ -138,8 +143,8 @@ def test_long_generation_stops_cleanly_at_the_context_limit(request, model_engin
     engine = request.getfixturevalue(model_engine)
     prompt = _prompt(engine, paragraphs, "Repeat the documents word for word.", 200)
     small = Engine(engine.lm, SYSTEM_PROMPT, max_context=len(prompt) + 12)
-    gen = small.generate(prompt, max_new_tokens=200, lookahead=lookahead)
-    assert gen.finish_reason == "context" and 0 < len(gen.token_ids) <= 12
+    gen = _generate(small, prompt, max_new_tokens=200, lookahead=lookahead)
+    assert gen.finish_reason == "context" and 0 < len(gen.output_ids) <= 12
 
     # Directly: a buffer with 6 free slots is filled to the end and never grows.
     pre = engine.prefill(prompt, extra_slots=6)
@@ -202,12 +207,12 @@ def test_request_buffers_are_reused_and_leave_no_trace(engine, paragraphs):
     """`generate` hands its buffer back and the next request gets a view of it, sized exactly;
     the old K/V left in it change nothing (a fresh engine's zeroed buffer gives the same answer)."""
     used = Engine(engine.lm, SYSTEM_PROMPT)
-    used.generate(_prompt(used, paragraphs, QUESTIONS[0], 600), mode="blend", max_new_tokens=24)
+    _generate(used, _prompt(used, paragraphs, QUESTIONS[0], 600), mode="blend", max_new_tokens=24)
     prompt = _prompt(used, paragraphs, QUESTIONS[2], 300)
     for mode in ("full", "blend"):
-        again = used.generate(prompt, mode=mode, max_new_tokens=24)
-        fresh = Engine(engine.lm, SYSTEM_PROMPT).generate(prompt, mode=mode, max_new_tokens=24)
-        assert again.token_ids == fresh.token_ids and len(again.token_ids) > 4
+        again = _generate(used, prompt, mode=mode, max_new_tokens=24)
+        fresh = _generate(Engine(engine.lm, SYSTEM_PROMPT), prompt, mode=mode, max_new_tokens=24)
+        assert again.output_ids == fresh.output_ids and len(again.output_ids) > 4
 
     a = used.new_cache(100)
     used.release(a)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rag.index.docstore import Chunk, Document, sha256
-from rag.index.generations import IndexStore
+from rag.index.generations import IndexGenerations
 from rag.index.lexical_index import LexicalIndex, terms
 from rag.index.retriever import Retriever, reciprocal_rank_fusion
 from rag.index.vector_index import VectorIndex
@@ -45,7 +45,7 @@ def add_doc(docstore, index, doc_id: str, text: str, spans):
 
 
 def test_generation_commits_atomically_and_ids_only_grow(tmp_path):
-    store = IndexStore(tmp_path / "index", 8)
+    store = IndexGenerations(tmp_path / "index", 8)
     with store.transaction() as (docstore, index):
         first = add_doc(docstore, index, "a", "alpha beta gamma", [(0, 5), (6, 16)])
     with store.transaction() as (docstore, index):
@@ -75,7 +75,7 @@ def test_an_interrupt_once_current_has_flipped_keeps_the_new_generation(tmp_path
     names is the new one, so the cleanup of a failed run must not delete it."""
     import rag.index.generations
 
-    store = IndexStore(tmp_path / "index", 8)
+    store = IndexGenerations(tmp_path / "index", 8)
     with store.transaction() as (docstore, index):
         add_doc(docstore, index, "a", "alpha beta gamma", [(0, 5)])
     before, fsync = store.current_dir(), rag.index.generations._fsync_dir

@@ -16,7 +16,7 @@ from ingest.chunkers import Resources
 from ingest.job import delete_documents, doc_id_for, ingest
 from ingest.loaders import LoadError, load_text
 from rag.config import Settings
-from rag.index.generations import IndexStore
+from rag.index.generations import IndexGenerations
 from rag.model.loader import resolve_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def write_docs(folder: Path, n: int, chars: int = 2500, corpus: str = "wikitexts
 
 def consistent(settings: Settings, dim: int = 384):
     """The current generation: docstore chunk ids must equal FAISS ids (and BM25's)."""
-    docstore, index, lexical = IndexStore(settings.index_dir, dim).open()
+    docstore, index, lexical = IndexGenerations(settings.index_dir, dim).open()
     ds_ids = sorted(c.chunk_id for c in docstore.all_chunks())
     faiss_ids = sorted(int(i) for i in faiss.vector_to_array(index.index.id_map))
     assert ds_ids == faiss_ids

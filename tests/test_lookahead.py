@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rag.engine.decode_step import DecodeStep, stepper_for
+from rag.engine import native_step
+from rag.engine.decode_step import DecodeStep
 from rag.engine.lookahead import AnswerMemory, DraftTree, Lookahead, NgramTrie, compact
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -142,7 +143,12 @@ def test_tree_mask_lets_each_node_see_only_committed_slots_and_its_ancestors():
     assert path == [0, 4, 5] and new == [21, 22, 7]
 
 
-@pytest.mark.parametrize("make_step", [stepper_for, DecodeStep], ids=["default", "pytorch"])
+def _default_step(model):
+    """The engine's choice: the native step where it builds."""
+    return native_step.for_model(model) or DecodeStep(model)
+
+
+@pytest.mark.parametrize("make_step", [_default_step, DecodeStep], ids=["default", "pytorch"])
 def test_tree_verification_equals_plain_steps_on_each_branch(lm32, make_step):
     """One masked pass over a two-branch tree gives each node the logits (and K/V) of plain decoding,
     with the default step (native where it builds) and the PyTorch one (CUDA, no compiler)."""

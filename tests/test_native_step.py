@@ -56,6 +56,25 @@ def test_native_steps_are_as_close_to_transformers_as_the_pytorch_step(lm, parag
     assert agree["native"] >= agree["pytorch"] - 1 / 23, agree
 
 
+def test_native_step_follows_the_model_forward(lm32, paragraphs):
+    """The C step is the CPU fast path of the model's one forward: float32 teacher-forced steps
+    give the forward's own logits (a span over the same past) to float32 rounding."""
+    step = native_step.for_model(lm32.model)
+    if step is None:
+        pytest.skip("the native step can't be built here (no C compiler?)")
+    model = lm32.model
+    ids = lm32.tokenizer.encode_text(paragraphs[2])[:200]
+    n = len(ids) - 16
+    cache = model.new_cache(len(ids))
+    model(torch.tensor([ids[:n]]), cache, 0, logits_for=None)
+    ref = model(torch.tensor([ids[n:]]), cache, n, logits_for=slice(None))[0]
+    cache = model.new_cache(len(ids))
+    model(torch.tensor([ids[:n]]), cache, 0, logits_for=None)
+    rows = torch.cat([step(torch.tensor([ids[i]]), cache, i) for i in range(n, len(ids))])
+    assert (rows - ref).abs().max() < 2e-3
+    assert torch.equal(rows.argmax(-1), ref.argmax(-1))
+
+
 @pytest.mark.parametrize("long", [False, True], ids=["short", "long"])
 def test_native_tree_rows_are_bitwise_plain_steps(lm, paragraphs, long, request):
     """One masked pass over a two-branch tree gives every node exactly (bitwise) the logits and

@@ -12,8 +12,8 @@ import torch
 
 from ingest.job import ingest
 from rag.cli import main
-from rag.engine.kv_stream import stream_chunk_kvs
-from rag.service import RAG
+from rag.engine.request import GenerationParams, Request
+from rag.service import RAGService
 from tests.conftest import SAMPLES
 
 QUESTION = "What is the highest wind gust ever recorded in the islands?"
@@ -37,26 +37,28 @@ def rag_with_redis(tmp_path_factory, models_dir, server):
         ingest([SAMPLES], settings, progress=False)
     finally:
         os.chdir(cwd)
-    return RAG(settings)
+    return RAGService(settings)
 
 
-def ask(rag: RAG):
-    return rag.answer(QUESTION, k=2, mode="blend", max_new_tokens=4)
+def ask(rag: RAGService):
+    return rag.answer(QUESTION, k=2, mode="blend", params=GenerationParams(max_new_tokens=4))
 
 
 def test_misses_are_computed_stored_then_hit(rag_with_redis, server):
     first = ask(rag_with_redis)
-    assert first.cache["kv_misses"] == 2 and first.cache["kv_hits"] == 0
+    assert first.request.chunk_misses == 2 and first.request.chunk_hits == 0
+    assert first.request.cache_report()["tiers"]["redis"] == {"hits": 0, "misses": 2}
     rag_with_redis.store.flush()
     second = ask(rag_with_redis)
-    assert second.cache["kv_hits"] == 2
-    assert second.answer == first.answer
+    assert second.request.chunk_hits == 2
+    assert second.request.cache_report()["tiers"]["redis"] == {"hits": 2, "misses": 0}
+    assert second.text == first.text
     keys = redis.Redis.from_url(server.url).keys("kvrag:kv:*")
     assert len(keys) == 2
 
 
 def test_streamed_loads_keep_order_compute_misses_and_match_a_list(rag_with_redis):
-    """stream_chunk_kvs: every load starts at once, chunks come back in prompt order as they land,
+    """Engine.chunk_kvs: every load starts at once, chunks come back in prompt order as they land,
     a miss is computed and then stored; the blend over the stream equals the blend over a list."""
     engine, store = rag_with_redis.engine, rag_with_redis.store
     hits = rag_with_redis.retrieve(QUESTION, 3)
@@ -67,14 +69,14 @@ def test_streamed_loads_keep_order_compute_misses_and_match_a_list(rag_with_redi
         store.delete(k)
     store.put_many({keys[0]: exact[0], keys[2]: exact[2]})
     store.flush()
-    stats: dict = {}
-    streamed = list(stream_chunk_kvs(store, engine, prompt, stats))
-    assert stats["kv_hits"] == 2 and stats["kv_misses"] == 1 and stats["kv_wait_ms"] >= 0
+    request = Request()
+    streamed = list(engine.chunk_kvs(prompt, request))
+    assert request.chunk_hits == 2 and request.chunk_misses == 1 and request.store.wait_ms >= 0
     for got, want in zip(streamed, exact, strict=True):
         assert torch.equal(got.k, want.k) and torch.equal(got.v, want.v)
     store.flush()
     assert set(store.get_many(keys)) == set(keys)  # the miss was written back
-    a = engine.prefill(prompt, "blend", 0.15, stream_chunk_kvs(store, engine, prompt))
+    a = engine.prefill(prompt, "blend", 0.15, engine.chunk_kvs(prompt, Request()))
     b = engine.prefill(prompt, "blend", 0.15, exact)
     assert torch.equal(a.logits, b.logits)
 
@@ -100,7 +102,7 @@ def test_corrupt_value_is_recomputed_and_overwritten(rag_with_redis, server):
     good = client.get(key)
     client.set(key, good[:-100])  # truncated
     again = ask(rag_with_redis)
-    assert again.cache["kv_misses"] == 1
+    assert again.request.chunk_misses == 1
     rag_with_redis.store.flush()
     assert client.get(key) == good  # recomputed and written back, identical bytes
 
@@ -109,7 +111,7 @@ def test_dead_redis_degrades_to_recompute_then_reconnects(rag_with_redis, server
     baseline = ask(rag_with_redis)
     server.kill()
     dead = ask(rag_with_redis)  # must not raise
-    assert dead.cache["kv_misses"] == 2 and dead.answer == baseline.answer
+    assert dead.request.chunk_misses == 2 and dead.text == baseline.text
     ask(rag_with_redis)
     warnings = [r for r in caplog.records if r.name.startswith("cache") and r.levelname == "WARNING"]
     assert len(warnings) <= 1
@@ -118,7 +120,7 @@ def test_dead_redis_degrades_to_recompute_then_reconnects(rag_with_redis, server
     while time.monotonic() < deadline:
         ans = ask(rag_with_redis)
         rag_with_redis.store.flush()
-        if ans.cache["kv_hits"] == 2:
+        if ans.request.chunk_hits == 2:
             break
         time.sleep(1)
-    assert ans.cache["kv_hits"] == 2
+    assert ans.request.chunk_hits == 2

@@ -1,6 +1,6 @@
 """The decode loop: one token per forward pass, or a Lookahead draft tree verified in one pass.
 
-Both run on `DecodeStep` over the request's preallocated KV buffer; nothing is
+Both run on the engine's decode step over the request's preallocated KV buffer; nothing is
 recomputed and nothing grows. The loop stops on a stop token or string, at
 max_new_tokens, when the client goes away (`on_text` returns False), or when
 the buffer is full ("context").
@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rag.engine.decode_step import stepper_for
+from rag.engine.decode_step import DecodeStep
 from rag.engine.lookahead import AnswerMemory, Lookahead, compact
+from rag.engine.native_step import NativeDecodeStep
 from rag.engine.sampling import sample
 from rag.model.kv_cache import KVCache
 from rag.model.tokenizer import ChatTokenizer
@@ -27,7 +28,7 @@ class DecodeResult:
     ids: list[int]
     text: str
     finish: str  # "stop", "length", "cancelled" or "context"
-    ttft_s: float
+    first_token_at: float  # time.perf_counter() when the first token was chosen
     steps: int = 0  # forward passes
     drafted: int = 0  # draft tokens verified
     accepted: int = 0  # draft tokens accepted
@@ -79,6 +80,7 @@ class _Output:
 @torch.inference_mode()
 def decode(
     model: Transformer,
+    step: DecodeStep | NativeDecodeStep,
     tokenizer: ChatTokenizer,
     cache: KVCache,
     logits: torch.Tensor,
@@ -94,14 +96,12 @@ def decode(
 ) -> DecodeResult:
     """Generate from next-token `logits` [V] with slots [0, start) of `cache` filled."""
     gen = torch.Generator(model.device).manual_seed(seed) if seed is not None else None
-    step = stepper_for(model)
     out = _Output(tokenizer, max_new_tokens, stop, on_text)
     res = DecodeResult([], "", "length", 0.0)
     if max_new_tokens <= 0:
         return res
-    t0 = time.perf_counter()
     tok = sample(logits, temperature, top_p, gen)
-    res.ttft_s = time.perf_counter() - t0
+    res.first_token_at = time.perf_counter()
     pending: list[int] = []  # tokens chosen but not yet emitted (accepted drafts)
     pos = start
     ids = torch.empty(1, dtype=torch.long, device=model.device)
@@ -146,11 +146,12 @@ def decode(
 
 
 def new_drafter(context: Sequence[int], temperature: float, lookahead: bool | None,
-                model: Transformer, memory: AnswerMemory | None = None) -> Lookahead | None:
+                step: DecodeStep | NativeDecodeStep, device: torch.device,
+                memory: AnswerMemory | None = None) -> Lookahead | None:
     """Lookahead is on by default for greedy decoding where it is lossless: on CPU, where the
-    decode pass makes a draft row bitwise equal to a plain step (rag.engine.decode_step, rag.engine.native_step).
-    On CUDA the matmul kernels change with the row count, so a bf16 draft row can differ in the
-    last bit and flip a near-tie (1 of 3 test answers on an H200): there, and for sampling, only
-    when asked. The tree's size is the step's own (`draft_budget`): what a row costs differs."""
-    on = (temperature <= 0 and model.device.type == "cpu") if lookahead is None else lookahead
-    return Lookahead(context, memory=memory, budget=stepper_for(model).draft_budget) if on else None
+    decode step makes a draft row bitwise equal to a plain step. On CUDA the matmul kernels
+    change with the row count, so a bf16 draft row can differ in the last bit and flip a
+    near-tie: there, and for sampling, only when asked. The tree's size is the step's own
+    (`draft_budget`): what a row costs differs."""
+    on = (temperature <= 0 and device.type == "cpu") if lookahead is None else lookahead
+    return Lookahead(context, memory=memory, budget=step.draft_budget) if on else None

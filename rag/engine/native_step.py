@@ -29,7 +29,8 @@ import torch
 
 from rag.engine.lookahead import tree_tails
 from rag.model.kv_cache import KVCache
-from rag.model.transformer import Transformer, rope_cos_sin
+from rag.model.layers import rope_cos_sin
+from rag.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 

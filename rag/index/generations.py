@@ -24,7 +24,7 @@ FAISS = "faiss.index"
 BM25 = "bm25"
 
 
-class IndexStore:
+class IndexGenerations:
     def __init__(self, root: Path, dim: int):
         self.root = Path(root)
         self.dim = dim

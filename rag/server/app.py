@@ -33,26 +33,20 @@ from rag.server.schemas import (
     RetrieveResponse,
 )
 from rag.server.worker import GenerationWorker, QueueFull
-from rag.service import RAG
+from rag.service import RAGService
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 413, 503)}
 
 
-def _redis_state(rag: RAG) -> str:
-    redis = rag.store.redis if rag.store is not None else None
-    if redis is None:
-        return "disabled"
-    return "up" if redis.is_up() else "down"
-
-
-def create_app(settings: Settings | None = None, rag: RAG | None = None, *, max_queue: int = 32) -> FastAPI:
+def create_app(settings: Settings | None = None, rag: RAGService | None = None, *,
+               max_queue: int = 32) -> FastAPI:
     """The app over `rag` (built from settings when not given: loads the model)."""
     settings = settings or (rag.settings if rag is not None else Settings())
-    rag = rag or RAG(settings)
+    rag = rag or RAGService(settings)
     worker = GenerationWorker(max_queue)
-    metrics = Metrics(lambda: rag.store.stats() if rag.store is not None else None, lambda: worker.depth)
-    model_id = rag.engine.lm.name if rag.engine is not None else "none"
+    metrics = Metrics(rag.cache_stats, lambda: worker.depth)
+    model_id = rag.model_name
     chat = ChatRunner(rag, worker, metrics, model_id)
     docs = DocumentService(settings, rag, worker)
     started = int(time.time())
@@ -62,8 +56,7 @@ def create_app(settings: Settings | None = None, rag: RAG | None = None, *, max_
         yield
         worker.shutdown()
         docs.shutdown()
-        if rag.store is not None:
-            rag.store.persist_stats()  # what the last few seconds of answers added
+        rag.persist_stats()  # what the last few seconds of answers added
 
     app = FastAPI(title="kvrag", version="0.1.0", lifespan=lifespan,
                   description="RAG serving that reuses precomputed chunk KV caches (CacheBlend).")
@@ -97,7 +90,7 @@ def create_app(settings: Settings | None = None, rag: RAG | None = None, *, max_
         except QueueFull as e:
             raise ApiError(503, f"server busy: {e}; retry later", "queue_full",
                            headers={"Retry-After": "5"}) from e
-        return {"object": "list", "data": [h.citation() for h in hits],
+        return {"object": "list", "data": [h.citation(with_text=True) for h in hits],
                 "timings_ms": {"retrieve": round(1000 * (time.perf_counter() - t0), 1)}}
 
     v1.include_router(documents_router(docs))
@@ -107,12 +100,11 @@ def create_app(settings: Settings | None = None, rag: RAG | None = None, *, max_
     async def healthz() -> JSONResponse:
         """Liveness and readiness: answers while a generation runs (it never waits on the worker)."""
         await run_in_threadpool(rag.reload_index)
-        redis = await run_in_threadpool(_redis_state, rag)
-        loaded = rag.engine is not None
-        body = {"status": "ok" if loaded and redis != "down" else "degraded" if loaded else "unavailable",
-                "model_loaded": loaded, "model": model_id, "index_size": len(rag.index),
+        redis = await run_in_threadpool(rag.redis_state)
+        body = {"status": "ok" if redis != "down" else "degraded",
+                "model_loaded": True, "model": model_id, "index_size": len(rag.index),
                 "redis": redis, "queue_depth": worker.depth, "generating": worker.busy}
-        return JSONResponse(body, status_code=200 if loaded else 503)
+        return JSONResponse(body)
 
     @app.get("/metrics", tags=["ops"], response_class=Response)
     async def prometheus() -> Response:

@@ -19,11 +19,12 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from rag.engine.request import GenerationParams, PromptTooLong
 from rag.server.errors import ApiError, error_body
 from rag.server.metrics import Metrics
 from rag.server.schemas import ChatRequest
 from rag.server.worker import Cancel, GenerationWorker, Job, QueueFull
-from rag.service import RAG, Answer
+from rag.service import Answer, RAGService
 
 log = logging.getLogger(__name__)
 
@@ -33,25 +34,19 @@ DISCONNECT_POLL_S = 0.5
 MIN_TEMPERATURE = 1e-4
 
 
-def _tier_counts(rag: RAG) -> dict[str, dict[str, int]]:
-    if rag.store is None:
-        return {}
-    return {t: {"hits": c["hits"], "misses": c["misses"]} for t, c in rag.store.stats()["tiers"].items()}
-
-
-def kvrag_info(ans: Answer, queued_ms: float, tiers: dict[str, dict[str, int]]) -> dict[str, Any]:
-    t = ans.timings_ms
+def kvrag_info(ans: Answer, queued_ms: float) -> dict[str, Any]:
+    r = ans.request
+    t = r.timings_ms
     timings = {"queue": queued_ms, "retrieve": t["retrieve"], "kv_load": t["kv_load"],
-               "prefill": t["prefill"], "blend": t["prefill"] if ans.mode != "full" else 0.0,
+               "prefill": t["prefill"], "blend": t["prefill"] if r.mode != "full" else 0.0,
                "ttft": t["ttft"], "decode": t["decode"], "total": t["total"]}
-    cites = [{k: v for k, v in h.citation().items() if k != "text"} for h in ans.hits]
-    return {"mode": ans.mode, "citations": cites,
+    return {"mode": r.mode, "citations": [h.citation() for h in ans.hits],
             "timings_ms": {k: round(v, 1) for k, v in timings.items()},
-            "cache": {**ans.cache, "tiers": tiers}}
+            "cache": r.cache_report()}
 
 
 class ChatRunner:
-    def __init__(self, rag: RAG, worker: GenerationWorker, metrics: Metrics, model_id: str):
+    def __init__(self, rag: RAGService, worker: GenerationWorker, metrics: Metrics, model_id: str):
         self.rag, self.worker, self.metrics, self.model_id = rag, worker, metrics, model_id
 
     def _job(self, req: ChatRequest) -> Callable[[Callable[[str], bool] | None, Cancel | None], Any]:
@@ -59,30 +54,22 @@ class ChatRunner:
         if not question:
             raise ApiError(400, "messages: no user message with text to answer", "invalid_request", "messages")
         opts = req.kvrag
-        params = {"k": opts.k if opts else None, "mode": opts.mode if opts else None,
-                  "ratio": opts.ratio if opts else None,
-                  "max_new_tokens": req.max_completion_tokens or req.max_tokens,
-                  # A vanishing temperature overflows logits/T to inf (NaN probabilities): it means greedy.
-                  "temperature": req.temperature if req.temperature >= MIN_TEMPERATURE else 0.0,
-                  "top_p": req.top_p, "stop": req.stop_list(),
-                  "seed": req.seed}
+        where = {"k": opts.k if opts else None, "mode": opts.mode if opts else None,
+                 "ratio": opts.ratio if opts else None}
+        max_new = req.max_completion_tokens or req.max_tokens
+        params = GenerationParams(
+            max_new_tokens=self.rag.settings.max_new_tokens if max_new is None else max_new,
+            # A vanishing temperature overflows logits/T to inf (NaN probabilities): it means greedy.
+            temperature=req.temperature if req.temperature >= MIN_TEMPERATURE else 0.0,
+            top_p=req.top_p, stop=req.stop_list(), seed=req.seed)
 
-        def run(on_text: Callable[[str], bool] | None, cancel: Cancel | None) -> tuple[Answer, dict]:
-            # Runs alone on the worker thread, so the store's counter deltas are this request's.
-            before = _tier_counts(self.rag)
-            ans = self.rag.answer(question, on_text=on_text, **params)
-            after = _tier_counts(self.rag)
-            tiers = {name: {key: c[key] - before.get(name, {}).get(key, 0) for key in c}
-                     for name, c in after.items()}
-            return ans, tiers
+        def run(on_text: Callable[[str], bool] | None, cancel: Cancel | None) -> Answer:
+            return self.rag.answer(question, params=params, on_text=on_text, **where)
 
         return run
 
     def _observe(self, ans: Answer, job: Job) -> None:
-        q = job.queued_ms
-        self.metrics.observe_answer(ans.mode, (q + ans.timings_ms["ttft"]) / 1000,
-                                    (q + ans.timings_ms["total"]) / 1000, ans.cache,
-                                    ans.usage["completion_tokens"])
+        self.metrics.observe_answer(ans.request, job.queued_ms)
 
     async def handle(self, req: ChatRequest, request: Request) -> Response:
         run = self._job(req)
@@ -103,19 +90,17 @@ class ChatRunner:
         except QueueFull as e:
             raise ApiError(503, f"server busy: {e}; retry later", "queue_full",
                            headers={"Retry-After": "5"}) from e
-        except ValueError as e:
-            if (err := _context_error(e)) is None:
-                raise
-            raise err from e
+        except PromptTooLong as e:
+            raise _context_error(e) from e
         if result is None:
             return Response(status_code=499)
-        ans, tiers = result
+        ans = result
         self._observe(ans, job)
         return JSONResponse({
             "id": cid, "object": "chat.completion", "created": created, "model": self.model_id,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": ans.answer},
-                         "finish_reason": FINISH.get(ans.finish_reason, "stop")}],
-            "usage": ans.usage, "kvrag": kvrag_info(ans, job.queued_ms, tiers)})
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": ans.text},
+                         "finish_reason": FINISH.get(ans.request.finish_reason, "stop")}],
+            "usage": ans.request.usage(), "kvrag": kvrag_info(ans, job.queued_ms)})
 
     async def _sse(self, deltas: AsyncIterator[str], job: Job, cid: str, created: int) -> AsyncIterator[str]:
         def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
@@ -132,21 +117,20 @@ class ChatRunner:
                 sent += piece
                 yield chunk({"content": piece})
         if job.error is not None:
-            e = _context_error(job.error)
-            if e is None:
+            if isinstance(job.error, PromptTooLong):
+                e = _context_error(job.error)
+            else:
                 log.error("generation failed", exc_info=job.error)
                 e = ApiError(500, "internal server error", "internal_error")
             yield f"data: {json.dumps(error_body(e.detail, e.type, e.code))}\n\n"
         elif job.result is not None:
-            ans, tiers = job.result
+            ans = job.result
             self._observe(ans, job)
-            yield chunk({}, FINISH.get(ans.finish_reason, "stop"), usage=ans.usage,
-                        kvrag=kvrag_info(ans, job.queued_ms, tiers))
+            yield chunk({}, FINISH.get(ans.request.finish_reason, "stop"), usage=ans.request.usage(),
+                        kvrag=kvrag_info(ans, job.queued_ms))
         yield "data: [DONE]\n\n"
 
 
-def _context_error(e: BaseException) -> ApiError | None:
-    """The engine's ValueError for a prompt over the context limit is the client's 400."""
-    if isinstance(e, ValueError) and "context" in str(e):
-        return ApiError(400, str(e), "context_length_exceeded", "messages")
-    return None
+def _context_error(e: PromptTooLong) -> ApiError:
+    """A prompt over the context limit is the client's 400."""
+    return ApiError(400, str(e), "context_length_exceeded", "messages")

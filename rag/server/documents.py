@@ -30,11 +30,11 @@ from ingest.job import Ingestor, IngestSummary, delete_documents, index_lock
 from ingest.loaders import SUFFIXES, LoadError, load_text
 from rag.config import Settings
 from rag.index.docstore import Chunk
-from rag.index.generations import IndexStore
+from rag.index.generations import IndexGenerations
 from rag.server.errors import ApiError
 from rag.server.schemas import DocumentText
 from rag.server.worker import GenerationWorker
-from rag.service import RAG
+from rag.service import RAGService
 
 log = logging.getLogger(__name__)
 UPLOADS = "uploads"
@@ -52,7 +52,7 @@ def safe_filename(raw: str | None) -> str:
 
 
 class DocumentService:
-    def __init__(self, settings: Settings, rag: RAG, worker: GenerationWorker):
+    def __init__(self, settings: Settings, rag: RAGService, worker: GenerationWorker):
         self.settings, self.rag, self.worker = settings, rag, worker
         self.uploads = (settings.data_dir / UPLOADS).resolve()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="kvrag-ingest")
@@ -62,14 +62,9 @@ class DocumentService:
         return Resources(self.settings)  # its own embedder: never shared across threads
 
     def _evict(self, chunks: list[Chunk]) -> None:
-        rag = self.rag
-        if rag.store is None or rag.engine is None:
-            return
-
         def drop() -> None:
             try:
-                for c in chunks:
-                    rag.store.delete(rag.engine.chunk_key(rag.engine.prompts.chunk_ids(c.text)))
+                self.rag.forget_chunks(chunks)
             except Exception:
                 log.exception("evicting the caches of %d removed chunks failed", len(chunks))
 
@@ -98,7 +93,7 @@ class DocumentService:
         doc_id = f"{UPLOADS}/{name}"
         summary = IngestSummary(files=1)
         s, res = self.settings, self.resources
-        store = IndexStore(s.index_dir, res.embedder.dim)
+        store = IndexGenerations(s.index_dir, res.embedder.dim)
         try:
             with index_lock(s.index_dir), store.transaction() as (docstore, index):
                 job = Ingestor(docstore, index, res, s.chunker, s.chunk_size, s.chunk_overlap, self._evict)
@@ -125,10 +120,9 @@ class DocumentService:
         return {"object": "document.deleted", "id": doc_id, "deleted": True, "chunks": with_lock[doc_id]}
 
     def list(self) -> list[dict]:
-        self.rag.reload_index()
         return [{"id": d["doc_id"], "object": "document", "source": d["source"], "n_chars": d["n_chars"],
                  "chunks": d["n_chunks"], "sha256": d["sha256"], "added_at": d["added_at"]}
-                for d in self.rag.docstore.list_documents()]
+                for d in self.rag.documents()]
 
     async def run(self, fn, *args):  # noqa: ANN001, ANN201 - a thin await over the ingestion thread
         return await asyncio.wrap_future(self._executor.submit(fn, *args))

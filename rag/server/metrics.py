@@ -19,6 +19,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from rag.engine.request import Request
+
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
 
 
@@ -61,16 +63,17 @@ class Metrics:
         self._split = [0, 0]  # reused, recomputed: the ratio's inputs, kept in plain ints
         r.register(_Live(store_stats, queue_depth, lambda: (self._split[0], self._split[1])))
 
-    def observe_answer(self, mode: str, ttft_s: float, total_s: float, cache: dict, completion: int) -> None:
-        self.ttft.labels(mode).observe(ttft_s)
-        self.latency.labels(mode).observe(total_s)
-        self.completion_tokens.inc(completion)
-        if mode != "full":  # a full prefill recomputes everything by definition: not the ratio's subject
-            reused, recomputed = cache.get("reused_tokens", 0), cache.get("recomputed_tokens", 0)
-            self.tokens.labels("reused").inc(reused)
-            self.tokens.labels("recomputed").inc(recomputed)
-            self._split[0] += reused
-            self._split[1] += recomputed
+    def observe_answer(self, request: Request, queued_ms: float) -> None:
+        """One answered request; its latencies count the time it waited in the queue."""
+        t = request.timings_ms
+        self.ttft.labels(request.mode).observe((queued_ms + t["ttft"]) / 1000)
+        self.latency.labels(request.mode).observe((queued_ms + t["total"]) / 1000)
+        self.completion_tokens.inc(len(request.output_ids))
+        if request.mode != "full":  # a full prefill recomputes everything: not the ratio's subject
+            self.tokens.labels("reused").inc(request.reused_tokens)
+            self.tokens.labels("recomputed").inc(request.recomputed_tokens)
+            self._split[0] += request.reused_tokens
+            self._split[1] += request.recomputed_tokens
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -22,9 +22,9 @@ log = logging.getLogger(__name__)
 
 def build_app(settings: Settings, warm: bool = False) -> FastAPI:
     from rag.server.app import create_app
-    from rag.service import RAG
+    from rag.service import RAGService
 
-    rag = RAG(settings)
+    rag = RAGService(settings)
     if warm:  # precompute every chunk's K/V before the first request (a no-op when cached)
         log.info("warmed %d chunk caches", rag.warm())
     return create_app(settings, rag)
