@@ -3,8 +3,9 @@
 Same values and contract as RedisTier: one `SET key value EX ttl` per chunk (checksummed by
 cache.serde), misses and dropped writes instead of errors. redis-py's RedisCluster holds the
 slot map and one client per node; a batch of keys is grouped by the master owning each key's
-hash slot and sent as one non-transactional pipeline per node (MGET only takes keys of one
-slot), so a request's chunks cost one round trip per node they live on.
+hash slot, one pipeline of single-key commands per master (MGET only takes keys of one
+slot), and every pipeline is written before any reply is read: the masters serve at once and
+a request's chunks cost one round trip, as one MGET does on one server.
 
 Faults are per node. A node that fails (killed, hung, mid-failover) turns only its chunks into
 misses and its writes into drops, with one warning per outage; it is then skipped until a
@@ -25,7 +26,6 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
 
 import redis
 from redis.backoff import NoBackoff
@@ -42,47 +42,16 @@ from redis.exceptions import (
 )
 from redis.retry import Retry
 
+from cache.cluster_url import parse_cluster_url
 from cache.redis_tier import _CLEAR_BATCH, DEFAULT_PREFIX, _glob_escape, _redact
 from cache.stats import CacheStats
 
 log = logging.getLogger(__name__)
 
-SCHEMES = ("redis+cluster", "rediss+cluster")
 _BOOTSTRAP = "<cluster>"  # the state of reaching any node at all (building the client)
 # Replies that mean the client's slot map is stale: re-read it. (MovedError is an AskError.)
 _STALE_MAP = (AskError, ClusterDownError, TryAgainError, ReadOnlyError)
 _BACKEND_ERRORS = (redis.RedisError, RedisClusterException, OSError, TypeError)
-
-
-def is_cluster_url(url: str) -> bool:
-    return url.split("://", 1)[0].lower() in SCHEMES
-
-
-def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
-    """`redis+cluster://[user:password@]host:port[,host:port...][/]` -> startup nodes and the
-    client options (username, password, ssl); `rediss+cluster://` is TLS."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in SCHEMES:
-        raise ValueError(f"not a cluster URL (want redis+cluster://host:port,...): {_redact(url)}")
-    netloc, _, path = rest.partition("/")
-    if "?" in netloc or "?" in path or path.strip("/") not in ("", "0"):
-        raise ValueError(f"a cluster URL takes no database number or query: {_redact(url)}")
-    options: dict[str, Any] = {"ssl": scheme.lower() == "rediss+cluster"}
-    userinfo, at, hosts = netloc.rpartition("@")
-    if at:
-        user, colon, password = userinfo.partition(":")
-        options["username"] = unquote(user) or None
-        options["password"] = unquote(password) if colon else None
-    nodes = []
-    for part in hosts.split(","):
-        host, colon, port = part.strip().rpartition(":")
-        if not colon:
-            host, port = port, "6379"
-        host = host.strip("[]")  # [::1]:7000
-        if not host or not port.isdigit():
-            raise ValueError(f"bad node {part!r} in cluster URL {_redact(url)}")
-        nodes.append((host, int(port)))
-    return nodes, options
 
 
 @dataclass
@@ -256,8 +225,9 @@ class RedisClusterTier:
                 self._mark_up(_BOOTSTRAP)
         return self._client
 
-    def _by_node(self, keys: Sequence[str]) -> dict[ClusterNode | None, list[str]]:
-        """Keys grouped by the master that owns their slot (None: unknown, served as misses)."""
+    def _by_node(self, keys: Sequence[str]) -> dict[ClusterNode, list[str]]:
+        """Keys grouped by the master that owns their slot; keys of a slot with no owner right
+        now are left out (misses)."""
         client = self._cluster()
         if client is None:
             return {}
@@ -266,7 +236,7 @@ class RedisClusterTier:
                         for name, h in self._health.items() if name != _BOOTSTRAP)
         if stale:
             self._request_refresh()
-        groups: dict[ClusterNode | None, list[str]] = {}
+        groups: dict[ClusterNode, list[str]] = {}
         manager = client.nodes_manager
         for key in keys:
             try:
@@ -277,16 +247,16 @@ class RedisClusterTier:
             groups.setdefault(node, []).append(key)
         return groups
 
-    def _send(self, plan: Mapping[ClusterNode | None, list[tuple]], what: str) -> dict:
+    def _send(self, plan: Mapping[ClusterNode, list[tuple]], what: str) -> dict:
         """Run each node's commands as one pipeline. Every node's commands are written before
         any reply is read, so the nodes work in parallel: one round trip in all, not one per
         node. Returns {node: its replies in order (error replies as exception objects), or None
         when the node is down (skipped, or failed now)}."""
-        out: dict[ClusterNode | None, list | None] = dict.fromkeys(plan)
+        out: dict[ClusterNode, list | None] = dict.fromkeys(plan)
         sent: list[tuple[ClusterNode, ConnectionPool, Connection, int]] = []  # written, unread
         try:
             for node, commands in plan.items():
-                if node is None or node.redis_connection is None or not self._usable(node.name):
+                if node.redis_connection is None or not self._usable(node.name):
                     continue
                 pool, conn = node.redis_connection.connection_pool, None
                 try:
@@ -363,15 +333,15 @@ class RedisClusterTier:
         log.info("Redis Cluster tier %s: %s is back", _redact(self.url),
                  "the cluster" if name == _BOOTSTRAP else f"node {name}")
 
-    def _reply_error(self, node: ClusterNode | None, what: str, error: Exception) -> None:
+    def _reply_error(self, node: ClusterNode, what: str, error: Exception) -> None:
         """An error reply for one command (the node itself answered): a miss or a dropped write."""
         self.stats.add(self.name, errors=1)
         if isinstance(error, _STALE_MAP):
-            log.debug("Redis Cluster %s on %s: %s; re-reading the slot map", what,
-                      node.name if node else "?", error)
+            log.debug("Redis Cluster %s on %s: %s; re-reading the slot map", what, node.name,
+                      error)
             self._request_refresh()
         elif not isinstance(error, OutOfMemoryError):
-            log.debug("Redis Cluster %s on %s: %s", what, node.name if node else "?", error)
+            log.debug("Redis Cluster %s on %s: %s", what, node.name, error)
 
     def _note_refusals(self, node: ClusterNode, refused: int) -> None:
         with self._lock:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from cache.cluster_tier import RedisClusterTier, is_cluster_url
+from cache.cluster_tier import RedisClusterTier
+from cache.cluster_url import is_cluster_url
 from cache.disk_tier import DiskTier
 from cache.memory_tier import MemoryTier
 from cache.redis_tier import DEFAULT_PREFIX, RedisTier

@@ -81,7 +81,8 @@ def _tier_throughput(cluster_url: str, single_url: str, k: int, repeats: int,
     up, so replication traffic does not share the CPU with the timed reads)."""
     from redis.cluster import ClusterNode, RedisCluster
 
-    from cache.cluster_tier import RedisClusterTier, parse_cluster_url
+    from cache.cluster_tier import RedisClusterTier
+    from cache.cluster_url import parse_cluster_url
     from cache.redis_tier import DEFAULT_PREFIX, RedisTier
 
     nodes, options = parse_cluster_url(cluster_url)

@@ -13,7 +13,8 @@ import pytest
 import redis
 import redis.connection
 
-from cache.cluster_tier import RedisClusterTier, parse_cluster_url
+from cache.cluster_tier import RedisClusterTier
+from cache.cluster_url import parse_cluster_url
 from cache.factory import build_store
 from cache.redis_tier import RedisTier
 from cache.serde import dumps
