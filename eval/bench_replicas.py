@@ -194,7 +194,8 @@ def run_replicas_bench(settings: Settings, replicas: int = 2, requests: int = 24
             cluster = stack.enter_context(LocalCluster(masters=3, replicas=1))
             redis_url = cluster.url
         fleet = stack.enter_context(  # the last one has no shared tier: the cold baseline
-            serve_replicas([redis_url] * replicas + [""], run_settings.data_dir, root / "state"))
+            serve_replicas([redis_url] * replicas + [""], run_settings.data_dir, root / "state",
+                           run_settings.models_dir))
         *shared, cold = fleet
         writer, readers = shared[0], shared[1:]
         rows = _shared_vs_cold(writer, readers, cold, questions, k, max_tokens)

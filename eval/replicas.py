@@ -60,19 +60,21 @@ class Replica:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def replica_env(data_dir: Path, redis_url: str, state_dir: Path, name: str, *, memory_mb: int = 0,
-                threads: int = 1) -> dict[str, str]:
-    """The environment of one replica: the shared data dir and KV tier, no per-replica disk tier,
-    and its cache-stats file outside the data dir (which it only reads)."""
+def replica_env(data_dir: Path, redis_url: str, state_dir: Path, name: str, models_dir: Path, *,
+                memory_mb: int = 0, threads: int = 1) -> dict[str, str]:
+    """The environment of one replica: the shared data dir and KV tier, the converted model
+    outside the data dir, no per-replica disk tier, and its cache-stats file outside the data
+    dir too (which it only reads)."""
     return {**os.environ, "KVRAG_DATA_DIR": str(data_dir), "KVRAG_REDIS_URL": redis_url,
-            "KVRAG_CACHE_DISK_MB": "0", "KVRAG_CACHE_MEMORY_MB": str(memory_mb),
+            "KVRAG_MODEL_CACHE_DIR": str(models_dir), "KVRAG_CACHE_DISK_MB": "0",
+            "KVRAG_CACHE_MEMORY_MB": str(memory_mb),
             "KVRAG_CACHE_STATS_FILE": str(state_dir / f"cache_stats-{name}.json"),
             "KVRAG_THREADS": str(threads), "KVRAG_API_KEYS": ""}
 
 
 @contextlib.contextmanager
-def serve_replicas(redis_urls: Sequence[str], data_dir: Path, state_dir: Path, *,
-                   memory_mb: int = 0, threads: int = 1,
+def serve_replicas(redis_urls: Sequence[str], data_dir: Path, state_dir: Path, models_dir: Path,
+                   *, memory_mb: int = 0, threads: int = 1,
                    startup_timeout_s: float = 600) -> Iterator[list[Replica]]:
     """One replica per entry of redis_urls (its KVRAG_REDIS_URL; "" = no shared tier), named a, b,
     c, ...; all start at once; waits until every one answers /healthz; stops them all on exit."""
@@ -86,8 +88,8 @@ def serve_replicas(redis_urls: Sequence[str], data_dir: Path, state_dir: Path, *
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "rag.cli", "serve", "--host", "127.0.0.1",
                      "--port", str(port), "--log-level", "warning"],
-                    env=replica_env(data_dir, redis_url, state_dir, name, memory_mb=memory_mb,
-                                    threads=threads),
+                    env=replica_env(data_dir, redis_url, state_dir, name, models_dir,
+                                    memory_mb=memory_mb, threads=threads),
                     stdout=log, stderr=subprocess.STDOUT)
             replicas.append(Replica(name, port, proc, log_path))
         deadline = time.monotonic() + startup_timeout_s

@@ -56,7 +56,8 @@ def deployment(tmp_path_factory, models_dir):
         os.chdir(cwd)
     before = snapshot(settings.data_dir)
     with LocalCluster(masters=3, replicas=1) as cluster, \
-            serve_replicas([cluster.url] * 2, settings.data_dir, root / "state") as (a, b):
+            serve_replicas([cluster.url] * 2, settings.data_dir, root / "state",
+                           models_dir) as (a, b):
         yield {"a": a, "b": b, "cluster": cluster, "settings": settings, "root": root,
                "before": before}
 
