@@ -300,8 +300,3 @@ def cmd_bench_replicas(args: argparse.Namespace, settings: Settings | None = Non
     print(json.dumps({key: v for key, v in result.items() if key != "rows"}, indent=2))
     return 1 if result["failed_requests"] else 0
 
-
-if __name__ == "__main__":
-    parser = add_bench_replicas_args(argparse.ArgumentParser(prog="python -m eval.bench_replicas",
-                                                             description=__doc__))
-    raise SystemExit(cmd_bench_replicas(parser.parse_args()))
