@@ -58,6 +58,7 @@ class TieredStore:
         self._stats = stats if stats is not None else CacheStats()
         self.stats_path = stats_path  # running totals across processes (persist_stats)
         self._persisted_at = float("-inf")
+        self._persist_warned = False
         self._byte_tiers: list[ByteTier] = [t for t in (redis, disk) if t is not None]
         for tier in (memory, *self._byte_tiers):
             if tier is not None:
@@ -200,7 +201,14 @@ class TieredStore:
         if self.stats_path is None or now - self._persisted_at < min_interval_s:
             return None
         self._persisted_at = now
-        return self._stats.persist(self.stats_path)
+        try:
+            return self._stats.persist(self.stats_path)
+        except OSError as e:  # bookkeeping never fails an answer (e.g. a read-only data dir)
+            if not self._persist_warned:
+                self._persist_warned = True
+                log.warning("cannot write cache stats to %s (%s); counting in memory only",
+                            self.stats_path, e)
+            return None
 
     def close(self) -> None:
         self._prefetcher.shutdown(wait=True)

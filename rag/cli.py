@@ -223,6 +223,7 @@ BENCHES = {
     "load": ("eval.bench_load", "requests/s and TTFT of full vs blend under concurrent load"),
     "ttft": ("eval.bench_ttft", "TTFT, speedup and fidelity (KL, top-1) of full / reuse / blend ratios"),
     "decode": ("eval.bench_decode", "decode tokens/s: transformers generate() vs lean loop vs Lookahead"),
+    "replicas": ("eval.bench_replicas", "API replicas sharing a Redis Cluster KV tier"),
 }
 EVALS = {
     "retrieval": ("eval.retrieval", "chunkers on Chroma's token-level retrieval benchmark (IoU family)"),

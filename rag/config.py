@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     redis_url: str = ""
     cache_redis_ttl_s: int = 7 * 24 * 3600
     cache_max_new_per_request: int = 16
+    # Where processes add up their store traffic for `kvrag stats` (unset: in the data dir);
+    # API replicas over a read-only data dir point it elsewhere (docs/deploy.md).
+    cache_stats_file: Path | None = None
 
     api_keys: str = ""  # comma-separated; empty = no auth
 
@@ -90,4 +93,4 @@ class Settings(BaseSettings):
     @property
     def cache_stats_path(self) -> Path:
         """Chunk-KV store traffic summed over every process on this data dir (`kvrag stats`)."""
-        return self.data_dir / "cache_stats.json"
+        return self.cache_stats_file or self.data_dir / "cache_stats.json"

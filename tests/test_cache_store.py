@@ -181,6 +181,20 @@ def test_persisted_stats_sum_over_stores_and_count_once(tmp_path):
     assert summarize(load_totals(path))["tiers"]["memory"]["hits"] == 2
 
 
+def test_unwritable_stats_path_warns_once_and_never_raises(tmp_path, caplog):
+    """A read-only data dir must not fail answers: the totals stay in memory, one warning."""
+    (tmp_path / "not-a-dir").write_text("")
+    store = store_with(tmp_path / "a")
+    store.stats_path = tmp_path / "not-a-dir" / "cache_stats.json"  # its parent cannot be made
+    with caplog.at_level("WARNING", logger="cache.store"):
+        for i in range(3):
+            store.get_many([key(i)])
+            assert store.persist_stats() is None
+        store.close()
+    assert sum("cannot write cache stats" in r.getMessage() for r in caplog.records) == 1
+    assert store.stats()["load_ms"]["count"] == 3
+
+
 @pytest.mark.parametrize("tiers", ["memory+redis+disk", "redis", "disk"])
 def test_concurrent_readers_and_writers_never_see_torn_entries(tmp_path, redis_tier, tiers):
     memory = MemoryTier(4 * ENTRY_BYTES) if "memory" in tiers else None
