@@ -99,12 +99,6 @@ class CacheStats:
             os.replace(tmp, path)
         return summarize(totals)
 
-    def reset(self) -> None:
-        """Zero every counter (tiers stay listed)."""
-        with self._lock:
-            self._tiers = {name: TierCounters() for name in self._tiers}
-            self._loads = _Loads()
-            self._persisted = {}
 
 
 def load_totals(path: Path) -> dict:

@@ -186,9 +186,6 @@ class TieredStore:
         snap["usage"] = {tier.name: tier.usage() for tier in self._all_tiers()}
         return snap
 
-    def reset_stats(self) -> None:
-        self._stats.reset()
-
     @property
     def tier_names(self) -> list[str]:
         return [tier.name for tier in self._all_tiers()]

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class IngestSummary:
+    chunker: str = ""  # name:size:overlap
     files: int = 0
     added: int = 0
     updated: int = 0
@@ -50,7 +51,7 @@ class IngestSummary:
 
     def describe(self) -> str:
         """One human line, plus one per failed file."""
-        lines = [f"{self.files} files: {self.added} added, {self.updated} updated, {self.unchanged} unchanged, "
+        lines = [f"{self.chunker}: {self.files} files: {self.added} added, {self.updated} updated, {self.unchanged} unchanged, "
                  f"{self.deleted} deleted, {len(self.failed)} failed; chunks +{self.chunks_added} "
                  f"-{self.chunks_removed}; {self.seconds:.1f} s, {self.tokens_per_s:,.0f} tokens/s"]
         lines += [f"  skipped {p}: {r}" for p, r in self.failed]
@@ -166,6 +167,7 @@ def ingest(
     with index_lock(settings.index_dir), store.transaction() as (docstore, index):
         job = Ingestor(docstore, index, resources, chunker or settings.chunker,
                        chunk_size or settings.chunk_size, overlap, on_removed)
+        summary.chunker = job.chunker_tag
         seen = set()
         bar = tqdm(files, desc="ingest", unit="file", disable=not progress or None)
         for path in bar:

@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     device: str = ""  # empty = cuda when available, else cpu
     threads: int = 0  # torch intra-op threads; 0 = torch's default
 
-    chunker: str = "token"
+    chunker: str = "meta-ppl"  # Meta-Chunking (ingest/chunkers); "token" is the fastest
     chunk_size: int = 200  # target tokens per chunk (embedder wordpieces)
     chunk_overlap: int = 0
     top_k: int = 4

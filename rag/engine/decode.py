@@ -30,13 +30,7 @@ class DecodeResult:
     finish: str  # "stop", "length", "cancelled" or "context"
     first_token_at: float  # time.perf_counter() when the first token was chosen
     steps: int = 0  # forward passes
-    drafted: int = 0  # draft tokens verified
     accepted: int = 0  # draft tokens accepted
-
-    @property
-    def accepted_per_step(self) -> float:
-        """Tokens gained per forward pass (1.0 without drafting)."""
-        return (self.steps + self.accepted) / self.steps if self.steps else 0.0
 
 
 class _Output:
@@ -137,7 +131,6 @@ def decode(
         compact(cache, pos, path)
         pos += len(path)
         cache.length = pos
-        res.drafted += len(tree) - 1
         res.accepted += len(path) - 1
         tok, pending = new[0], new[1:]
     cache.length = min(cache.length, pos)
