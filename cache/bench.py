@@ -30,13 +30,18 @@ _KEY = "b" * 40
 
 
 def realistic_entry(
-    n_layers: int = 30, n_kv_heads: int = 3, n_tokens: int = 512, head_dim: int = 64,
+    n_layers: int = 30,
+    n_kv_heads: int = 3,
+    n_tokens: int = 512,
+    head_dim: int = 64,
     dtype: torch.dtype = torch.bfloat16,
 ) -> ChunkKV:
     """SmolLM2-135M's KV for a 512-token chunk: 11.8 MB in 16-bit."""
     g = torch.Generator().manual_seed(0)
     shape = (n_layers, n_kv_heads, n_tokens, head_dim)
-    return ChunkKV(torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype), 0)
+    return ChunkKV(
+        torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype), 0
+    )
 
 
 def bench_tiers(
@@ -55,10 +60,16 @@ def bench_tiers(
     entry = entry if entry is not None else realistic_entry()
     value_bytes = len(dumps(entry, _FINGERPRINT))
     mb = value_bytes / 1e6
-    out: dict = {"chunk_bytes": entry.nbytes, "value_bytes": value_bytes, "repeats": repeats, "tiers": {}}
+    out: dict = {
+        "chunk_bytes": entry.nbytes,
+        "value_bytes": value_bytes,
+        "repeats": repeats,
+        "tiers": {},
+    }
 
-    with TieredStore(memory=MemoryTier(2 * entry.nbytes, device), fingerprint=_FINGERPRINT,
-                     device=device) as store:
+    with TieredStore(
+        memory=MemoryTier(2 * entry.nbytes, device), fingerprint=_FINGERPRINT, device=device
+    ) as store:
         store.put(_KEY, entry)
         out["tiers"]["memory"] = {"get_ms": _median_ms(lambda: _must_hit(store), repeats)}
 
@@ -92,8 +103,13 @@ def _bench_redis(url: str, entry: ChunkKV, mb: float, repeats: int) -> dict:
             store_ms.append(_time_ms(lambda: _must_hit(store)))
         get_ms, raw = statistics.median(store_ms), statistics.median(raw_ms)
         mb_per_s, raw_mb_per_s = mb / (get_ms / 1e3), mb / (raw / 1e3)
-        return {"get_ms": get_ms, "mb_per_s": mb_per_s, "raw_get_ms": raw,
-                "raw_mb_per_s": raw_mb_per_s, "ratio_to_raw": mb_per_s / raw_mb_per_s}
+        return {
+            "get_ms": get_ms,
+            "mb_per_s": mb_per_s,
+            "raw_get_ms": raw,
+            "raw_mb_per_s": raw_mb_per_s,
+            "ratio_to_raw": mb_per_s / raw_mb_per_s,
+        }
     finally:
         tier.clear()
         store.close()

@@ -87,10 +87,14 @@ class RedisClusterTier:
         self.stats = stats if stats is not None else CacheStats()
         self.retry_min_s, self.retry_max_s, self.refresh_s = retry_min_s, retry_max_s, refresh_s
         # No retries inside redis-py: a failed node is a miss now and a probe after the backoff.
-        self._client_options = {**options, "socket_timeout": socket_timeout_s,
-                                "socket_connect_timeout": connect_timeout_s,
-                                "socket_keepalive": True, "require_full_coverage": False,
-                                "retry": Retry(NoBackoff(), 0)}
+        self._client_options = {
+            **options,
+            "socket_timeout": socket_timeout_s,
+            "socket_connect_timeout": connect_timeout_s,
+            "socket_keepalive": True,
+            "require_full_coverage": False,
+            "retry": Retry(NoBackoff(), 0),
+        }
         self._client: RedisCluster | None = None
         self._lock = threading.Lock()
         self._connect_lock = threading.Lock()
@@ -107,16 +111,22 @@ class RedisClusterTier:
         keys = list(dict.fromkeys(keys))
         groups = self._by_node(keys)
         found: dict[str, bytes] = {}
-        replies = self._send({node: [("GET", self.prefix + k) for k in group]
-                              for node, group in groups.items()}, "GET")
+        replies = self._send(
+            {node: [("GET", self.prefix + k) for k in group] for node, group in groups.items()},
+            "GET",
+        )
         for node, group in groups.items():
             for key, value in zip(group, replies.get(node) or (), strict=False):
                 if isinstance(value, Exception):
                     self._reply_error(node, "GET", value)
                 elif value is not None:
                     found[key] = value
-        self.stats.add(self.name, hits=len(found), misses=len(keys) - len(found),
-                       bytes_read=sum(len(v) for v in found.values()))
+        self.stats.add(
+            self.name,
+            hits=len(found),
+            misses=len(keys) - len(found),
+            bytes_read=sum(len(v) for v in found.values()),
+        )
         return {k: found[k] for k in keys if k in found}
 
     def put(self, key: str, value: bytes) -> None:
@@ -130,8 +140,13 @@ class RedisClusterTier:
         written_bytes = 0
         groups = self._by_node(list(items))
         # One SET per value: atomic, a reader sees the old value, the new one or none.
-        sent = self._send({node: [("SET", self.prefix + k, items[k], *ex) for k in group]
-                           for node, group in groups.items()}, "SET")
+        sent = self._send(
+            {
+                node: [("SET", self.prefix + k, items[k], *ex) for k in group]
+                for node, group in groups.items()
+            },
+            "SET",
+        )
         for node, group in groups.items():
             replies = sent.get(node)
             if replies is None:
@@ -149,8 +164,13 @@ class RedisClusterTier:
             self.stats.add(self.name, writes=written, bytes_written=written_bytes)
 
     def delete(self, key: str) -> None:
-        self._send({node: [("UNLINK", self.prefix + k) for k in group]
-                    for node, group in self._by_node([key]).items()}, "UNLINK")
+        self._send(
+            {
+                node: [("UNLINK", self.prefix + k) for k in group]
+                for node, group in self._by_node([key]).items()
+            },
+            "UNLINK",
+        )
 
     def clear(self) -> None:
         """UNLINK every key under this tier's prefix on every master (SCAN, never FLUSHALL)."""
@@ -174,8 +194,13 @@ class RedisClusterTier:
 
     def ttl(self, key: str) -> int | None:
         """Seconds left on `key` (-1: no expiry, -2: absent); None if its node is down."""
-        replies = self._send({node: [("TTL", self.prefix + k) for k in group]
-                              for node, group in self._by_node([key]).items()}, "TTL")
+        replies = self._send(
+            {
+                node: [("TTL", self.prefix + k) for k in group]
+                for node, group in self._by_node([key]).items()
+            },
+            "TTL",
+        )
         for reply in replies.values():
             if reply and not isinstance(reply[0], Exception):
                 return int(reply[0])
@@ -196,8 +221,15 @@ class RedisClusterTier:
         with self._lock:
             down = sorted(name for name, h in self._health.items() if h.outage and h.owns_slots)
         masters = [n.name for n in client.get_primaries()] if client is not None else []
-        return {"url": _redact(self.url), "prefix": self.prefix, "ttl_s": self.ttl_s,
-                "up": not down, "cluster": True, "masters": masters, "down": down}
+        return {
+            "url": _redact(self.url),
+            "prefix": self.prefix,
+            "ttl_s": self.ttl_s,
+            "up": not down,
+            "cluster": True,
+            "masters": masters,
+            "down": down,
+        }
 
     def close(self) -> None:
         self._refresher.shutdown(wait=True)
@@ -218,7 +250,8 @@ class RedisClusterTier:
                 try:
                     self._client = RedisCluster(
                         startup_nodes=[ClusterNode(h, p) for h, p in self.startup_nodes],
-                        **self._client_options)
+                        **self._client_options,
+                    )
                 except _BACKEND_ERRORS as e:
                     self._mark_down(_BOOTSTRAP, "connect", e)
                     return None
@@ -232,8 +265,9 @@ class RedisClusterTier:
         if client is None:
             return {}
         with self._lock:
-            stale = any(h.outage and h.owns_slots
-                        for name, h in self._health.items() if name != _BOOTSTRAP)
+            stale = any(
+                h.outage and h.owns_slots for name, h in self._health.items() if name != _BOOTSTRAP
+            )
         if stale:
             self._request_refresh()
         groups: dict[ClusterNode, list[str]] = {}
@@ -314,12 +348,24 @@ class RedisClusterTier:
             h.backoff_s = min(h.backoff_s * 2, self.retry_max_s)
         where = "no node reachable" if name == _BOOTSTRAP else f"node {name}"
         if first:
-            log.warning("Redis Cluster tier %s: %s failed on %s (%s: %s); its chunks are misses, "
-                        "retrying in %.1fs", _redact(self.url), where, what, type(error).__name__,
-                        error, retry_in)
+            log.warning(
+                "Redis Cluster tier %s: %s failed on %s (%s: %s); its chunks are misses, "
+                "retrying in %.1fs",
+                _redact(self.url),
+                where,
+                what,
+                type(error).__name__,
+                error,
+                retry_in,
+            )
         else:
-            log.debug("Redis Cluster %s still down (%s: %s); next try in %.1fs", where,
-                      type(error).__name__, error, retry_in)
+            log.debug(
+                "Redis Cluster %s still down (%s: %s); next try in %.1fs",
+                where,
+                type(error).__name__,
+                error,
+                retry_in,
+            )
         if name != _BOOTSTRAP:
             self._drop_connections(name)
             self._request_refresh()
@@ -330,15 +376,17 @@ class RedisClusterTier:
             if h is None or not h.outage:
                 return
             h.outage, h.down_until, h.backoff_s = False, 0.0, self.retry_min_s
-        log.info("Redis Cluster tier %s: %s is back", _redact(self.url),
-                 "the cluster" if name == _BOOTSTRAP else f"node {name}")
+        log.info(
+            "Redis Cluster tier %s: %s is back",
+            _redact(self.url),
+            "the cluster" if name == _BOOTSTRAP else f"node {name}",
+        )
 
     def _reply_error(self, node: ClusterNode, what: str, error: Exception) -> None:
         """An error reply for one command (the node itself answered): a miss or a dropped write."""
         self.stats.add(self.name, errors=1)
         if isinstance(error, _STALE_MAP):
-            log.debug("Redis Cluster %s on %s: %s; re-reading the slot map", what, node.name,
-                      error)
+            log.debug("Redis Cluster %s on %s: %s; re-reading the slot map", what, node.name, error)
             self._request_refresh()
         elif not isinstance(error, OutOfMemoryError):
             log.debug("Redis Cluster %s on %s: %s", what, node.name, error)
@@ -348,8 +396,11 @@ class RedisClusterTier:
             h = self._health.setdefault(node.name, _NodeHealth(self.retry_min_s))
             changed, h.refusing = h.refusing != bool(refused), bool(refused)
         if changed and refused:
-            log.warning("Redis Cluster node %s refuses writes (maxmemory with noeviction): chunks "
-                        "it owns are not stored; reads go on", node.name)
+            log.warning(
+                "Redis Cluster node %s refuses writes (maxmemory with noeviction): chunks "
+                "it owns are not stored; reads go on",
+                node.name,
+            )
         elif changed:
             log.info("Redis Cluster node %s accepts writes again", node.name)
 
@@ -389,8 +440,12 @@ class RedisClusterTier:
             with self._lock:
                 self._refresh_pending = False
         if before != after:
-            log.info("Redis Cluster tier %s: masters now %s (were %s)", _redact(self.url),
-                     ", ".join(sorted(after)), ", ".join(sorted(before)))
+            log.info(
+                "Redis Cluster tier %s: masters now %s (were %s)",
+                _redact(self.url),
+                ", ".join(sorted(after)),
+                ", ".join(sorted(before)),
+            )
         replaced = []
         with self._lock:
             for name, h in self._health.items():
@@ -399,8 +454,12 @@ class RedisClusterTier:
                     replaced.append(name)
                 h.owns_slots = owns
         for name in replaced:
-            log.info("Redis Cluster tier %s: node %s no longer owns slots (failed over); its "
-                     "chunks are served by the new masters", _redact(self.url), name)
+            log.info(
+                "Redis Cluster tier %s: node %s no longer owns slots (failed over); its "
+                "chunks are served by the new masters",
+                _redact(self.url),
+                name,
+            )
 
 
 def _read_reply(conn: Connection) -> Any:

@@ -35,7 +35,9 @@ _STALE_TMP_S = 600  # temp files older than this were left by a crashed writer
 class DiskTier:
     name = "disk"
 
-    def __init__(self, root: str | os.PathLike, budget_bytes: int, stats: CacheStats | None = None) -> None:
+    def __init__(
+        self, root: str | os.PathLike, budget_bytes: int, stats: CacheStats | None = None
+    ) -> None:
         if budget_bytes <= 0:
             raise ValueError("budget_bytes must be > 0 (omit the tier to disable it)")
         self.root = Path(root)
@@ -57,8 +59,12 @@ class DiskTier:
             data = self._read(key)
             if data is not None:
                 found[key] = data
-        self.stats.add(self.name, hits=len(found), misses=len(keys) - len(found),
-                       bytes_read=sum(len(v) for v in found.values()))
+        self.stats.add(
+            self.name,
+            hits=len(found),
+            misses=len(keys) - len(found),
+            bytes_read=sum(len(v) for v in found.values()),
+        )
         return found
 
     def put(self, key: str, value: bytes) -> None:
@@ -113,8 +119,12 @@ class DiskTier:
 
     def usage(self) -> dict:
         with self._lock:
-            return {"entries": len(self._index), "bytes": self._bytes,
-                    "budget_bytes": self.budget_bytes, "root": str(self.root)}
+            return {
+                "entries": len(self._index),
+                "bytes": self._bytes,
+                "budget_bytes": self.budget_bytes,
+                "root": str(self.root),
+            }
 
     def close(self) -> None:
         pass
@@ -202,6 +212,8 @@ class DiskTier:
         self.stats.add(self.name, errors=1)
         if not self._warned:
             self._warned = True
-            log.warning("disk tier %s: %s of %s failed (%s); serving misses", self.root, what, key, error)
+            log.warning(
+                "disk tier %s: %s of %s failed (%s); serving misses", self.root, what, key, error
+            )
         else:
             log.debug("disk tier %s: %s of %s failed (%s)", self.root, what, key, error)

@@ -25,7 +25,9 @@ class ChunkKV:
 
     def __post_init__(self) -> None:
         if self.k.dim() != 4:
-            raise ValueError(f"k must be 4-d [layers, heads, tokens, dim], got {tuple(self.k.shape)}")
+            raise ValueError(
+                f"k must be 4-d [layers, heads, tokens, dim], got {tuple(self.k.shape)}"
+            )
         if self.k.shape != self.v.shape:
             raise ValueError(f"k {tuple(self.k.shape)} and v {tuple(self.v.shape)} differ in shape")
         if self.k.dtype != self.v.dtype:

@@ -37,10 +37,22 @@ def build_store(
     an unreachable Redis shows up later as misses plus one warning."""
     stats = CacheStats()
     memory = MemoryTier(int(memory_mb * MB), device, stats) if memory_mb > 0 else None
-    disk = DiskTier(disk_dir, int(disk_mb * MB), stats) if disk_dir is not None and disk_mb > 0 else None
+    disk = (
+        DiskTier(disk_dir, int(disk_mb * MB), stats)
+        if disk_dir is not None and disk_mb > 0
+        else None
+    )
     redis = None
     if redis_url:
         tier = RedisClusterTier if is_cluster_url(redis_url) else RedisTier
         redis = tier(redis_url, redis_ttl_s, redis_prefix, stats)
-    return TieredStore(memory, redis, disk, fingerprint=fingerprint, device=device,
-                       max_new_per_request=max_new_per_request, stats=stats, stats_path=stats_path)
+    return TieredStore(
+        memory,
+        redis,
+        disk,
+        fingerprint=fingerprint,
+        device=device,
+        max_new_per_request=max_new_per_request,
+        stats=stats,
+        stats_path=stats_path,
+    )

@@ -45,7 +45,9 @@ class MemoryTier:
                     self._entries.move_to_end(key)
                     found[key] = entry
         hit_bytes = sum(e.nbytes for e in found.values())
-        self.stats.add(self.name, hits=len(found), misses=len(keys) - len(found), bytes_read=hit_bytes)
+        self.stats.add(
+            self.name, hits=len(found), misses=len(keys) - len(found), bytes_read=hit_bytes
+        )
         return found
 
     def __contains__(self, key: str) -> bool:
@@ -95,8 +97,12 @@ class MemoryTier:
 
     def usage(self) -> dict:
         with self._lock:
-            return {"entries": len(self._entries), "bytes": self._bytes,
-                    "budget_bytes": self.budget_bytes, "device": str(self.device)}
+            return {
+                "entries": len(self._entries),
+                "bytes": self._bytes,
+                "budget_bytes": self.budget_bytes,
+                "device": str(self.device),
+            }
 
     def close(self) -> None:
         self.clear()

@@ -78,8 +78,12 @@ class RedisTier:
             self.stats.add(self.name, misses=len(keys))
             return {}
         found = {k: v for k, v in zip(keys, values, strict=True) if v is not None}
-        self.stats.add(self.name, hits=len(found), misses=len(keys) - len(found),
-                       bytes_read=sum(len(v) for v in found.values()))
+        self.stats.add(
+            self.name,
+            hits=len(found),
+            misses=len(keys) - len(found),
+            bytes_read=sum(len(v) for v in found.values()),
+        )
         return found
 
     def put(self, key: str, value: bytes) -> None:
@@ -98,8 +102,9 @@ class RedisTier:
             pipe.execute()
 
         if self._call("SET", write, ok=True):
-            self.stats.add(self.name, writes=len(items),
-                           bytes_written=sum(len(v) for v in items.values()))
+            self.stats.add(
+                self.name, writes=len(items), bytes_written=sum(len(v) for v in items.values())
+            )
 
     def delete(self, key: str) -> None:
         self._call("UNLINK", lambda: self.client.unlink(self.prefix + key))
@@ -161,10 +166,21 @@ class RedisTier:
             retry_in = self._backoff_s
             self._backoff_s = min(self._backoff_s * 2, self.retry_max_s)
         if first:
-            log.warning("Redis tier %s failed on %s (%s: %s); serving misses, retrying in %.1fs",
-                        _redact(self.url), what, type(error).__name__, error, retry_in)
+            log.warning(
+                "Redis tier %s failed on %s (%s: %s); serving misses, retrying in %.1fs",
+                _redact(self.url),
+                what,
+                type(error).__name__,
+                error,
+                retry_in,
+            )
         else:
-            log.debug("Redis still down (%s: %s); next try in %.1fs", type(error).__name__, error, retry_in)
+            log.debug(
+                "Redis still down (%s: %s); next try in %.1fs",
+                type(error).__name__,
+                error,
+                retry_in,
+            )
         # Drop pooled sockets so the next probe opens a fresh connection.
         with contextlib.suppress(Exception):  # best effort while the server is gone
             self.client.connection_pool.disconnect()

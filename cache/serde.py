@@ -71,8 +71,20 @@ def dumps(entry: ChunkKV, fingerprint: str) -> bytes:
     n_layers, n_heads, n_tokens, head_dim = entry.shape
     header = bytearray(header_len)
     _FIXED.pack_into(
-        header, 0, MAGIC, FORMAT_VERSION, header_len, _DTYPE_CODES[entry.dtype],
-        n_layers, n_heads, n_tokens, head_dim, entry.base_position, payload_len, len(fp), 0,
+        header,
+        0,
+        MAGIC,
+        FORMAT_VERSION,
+        header_len,
+        _DTYPE_CODES[entry.dtype],
+        n_layers,
+        n_heads,
+        n_tokens,
+        head_dim,
+        entry.base_position,
+        payload_len,
+        len(fp),
+        0,
     )
     header[_FIXED.size : _FIXED.size + len(fp)] = fp
     k_bytes, v_bytes = _byte_view(k), _byte_view(v)
@@ -91,8 +103,20 @@ def loads(data: bytes | bytearray | memoryview, expected_fingerprint: str | None
         mv = mv.cast("B")
     if len(mv) < _FIXED.size:
         raise CorruptEntry(f"truncated header: {len(mv)} bytes < {_FIXED.size}")
-    (magic, version, header_len, dtype_code, n_layers, n_heads, n_tokens, head_dim,
-     base_position, payload_len, fp_len, stored) = _FIXED.unpack_from(mv, 0)
+    (
+        magic,
+        version,
+        header_len,
+        dtype_code,
+        n_layers,
+        n_heads,
+        n_tokens,
+        head_dim,
+        base_position,
+        payload_len,
+        fp_len,
+        stored,
+    ) = _FIXED.unpack_from(mv, 0)
     if magic != MAGIC:
         raise CorruptEntry(f"bad magic {magic!r}, not a kvrag chunk value")
     if version != FORMAT_VERSION:
@@ -106,10 +130,14 @@ def loads(data: bytes | bytearray | memoryview, expected_fingerprint: str | None
     numel = math.prod(shape)
     itemsize = dtype.itemsize
     if payload_len != 2 * numel * itemsize:
-        raise CorruptEntry(f"shape {shape} {dtype} needs {2 * numel * itemsize} payload bytes, header says {payload_len}")
+        raise CorruptEntry(
+            f"shape {shape} {dtype} needs {2 * numel * itemsize} payload bytes, header says {payload_len}"
+        )
     if len(mv) != header_len + payload_len:
         what = "truncated" if len(mv) < header_len + payload_len else "trailing bytes"
-        raise CorruptEntry(f"{what}: value is {len(mv)} bytes, header says {header_len + payload_len}")
+        raise CorruptEntry(
+            f"{what}: value is {len(mv)} bytes, header says {header_len + payload_len}"
+        )
     try:
         fingerprint = bytes(mv[_FIXED.size : _FIXED.size + fp_len]).decode("utf-8")
     except UnicodeDecodeError as e:
@@ -136,8 +164,20 @@ def peek_header(data: bytes | bytearray | memoryview) -> dict:
     if len(mv) < _FIXED.size:
         raise CorruptEntry(f"truncated header: {len(mv)} bytes < {_FIXED.size}")
     fields = _FIXED.unpack_from(mv, 0)
-    names = ("magic", "version", "header_len", "dtype_code", "n_layers", "n_kv_heads",
-             "n_tokens", "head_dim", "base_position", "payload_len", "fingerprint_len", "checksum")
+    names = (
+        "magic",
+        "version",
+        "header_len",
+        "dtype_code",
+        "n_layers",
+        "n_kv_heads",
+        "n_tokens",
+        "head_dim",
+        "base_position",
+        "payload_len",
+        "fingerprint_len",
+        "checksum",
+    )
     return dict(zip(names, fields, strict=True))
 
 
@@ -146,7 +186,9 @@ def _byte_view(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def _checksum(header: bytes | bytearray | memoryview, k_bytes: memoryview, v_bytes: memoryview) -> int:
+def _checksum(
+    header: bytes | bytearray | memoryview, k_bytes: memoryview, v_bytes: memoryview
+) -> int:
     """xxh3-64 over the header (minus the checksum field), K and V."""
     h = xxhash.xxh3_64()
     h.update(header[:_CRC_OFFSET])

@@ -71,7 +71,10 @@ class CacheStats:
         return summarize(raw)
 
     def _raw(self) -> dict:
-        return {"tiers": {name: asdict(c) for name, c in self._tiers.items()}, "load_ms": asdict(self._loads)}
+        return {
+            "tiers": {name: asdict(c) for name, c in self._tiers.items()},
+            "load_ms": asdict(self._loads),
+        }
 
     def persist(self, path: Path) -> dict:
         """Add the counts since the last persist to the totals in `path` (created if absent;
@@ -98,7 +101,6 @@ class CacheStats:
             tmp.write_text(json.dumps(totals, indent=1))
             os.replace(tmp, path)
         return summarize(totals)
-
 
 
 def load_totals(path: Path) -> dict:

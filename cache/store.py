@@ -78,7 +78,9 @@ class TieredStore:
 
     # -- reads ----------------------------------------------------------------
 
-    def get_many(self, keys: Sequence[str], request: StoreRequest | None = None) -> dict[str, ChunkKV]:
+    def get_many(
+        self, keys: Sequence[str], request: StoreRequest | None = None
+    ) -> dict[str, ChunkKV]:
         """Entries for the keys found in any tier, in request order; misses are absent.
 
         Without `request`, this call is its own request.
@@ -203,8 +205,11 @@ class TieredStore:
         except OSError as e:  # bookkeeping never fails an answer (e.g. a read-only data dir)
             if not self._persist_warned:
                 self._persist_warned = True
-                log.warning("cannot write cache stats to %s (%s); counting in memory only",
-                            self.stats_path, e)
+                log.warning(
+                    "cannot write cache stats to %s (%s); counting in memory only",
+                    self.stats_path,
+                    e,
+                )
             return None
 
     def close(self) -> None:
@@ -250,7 +255,9 @@ class TieredStore:
             log.warning("cache promotion failed: %s", future.exception())
 
     def _drop_corrupt(self, tier: ByteTier, key: str, error: CorruptEntry) -> None:
-        log.warning("corrupt %s value for %s (%s); deleted, served as a miss", tier.name, key, error.reason)
+        log.warning(
+            "corrupt %s value for %s (%s); deleted, served as a miss", tier.name, key, error.reason
+        )
         tier.delete(key)
         # The tier counted it as a hit when it read the bytes; it was a miss.
         self._stats.add(tier.name, corrupt=1, hits=-1, misses=1)

@@ -51,12 +51,18 @@ def load_cases(dataset: Path | str | None, n: int) -> list[Case]:
     """
     path = Path(dataset) if dataset else SAMPLES
     if path.is_dir():
-        docs = [p.read_text(encoding="utf-8") for p in sorted(path.iterdir()) if p.suffix in {".md", ".txt"}]
+        docs = [
+            p.read_text(encoding="utf-8")
+            for p in sorted(path.iterdir())
+            if p.suffix in {".md", ".txt"}
+        ]
         if not docs:
             raise FileNotFoundError(f"no .md or .txt documents in {path}")
         return [Case(q, docs) for q in SAMPLE_QUESTIONS[:n]]
     data = json.loads(path.read_text(encoding="utf-8"))["data"]
-    per_doc = [[(q["question"], p["context"]) for p in art["paragraphs"] for q in p["qas"]] for art in data]
+    per_doc = [
+        [(q["question"], p["context"]) for p in art["paragraphs"] for q in p["qas"]] for art in data
+    ]
     cases: list[Case] = []
     for i in range(max(len(x) for x in per_doc)):
         for qs in per_doc:
@@ -86,7 +92,9 @@ def split_chunks(text: str, count_tokens, max_tokens: int) -> list[str]:
     return chunks
 
 
-def retrieve(embedder, case: Case, count_tokens, context_tokens: int, chunk_tokens: int) -> list[str]:
+def retrieve(
+    embedder, case: Case, count_tokens, context_tokens: int, chunk_tokens: int
+) -> list[str]:
     """Top chunks by cosine similarity until the context budget is spent (best first)."""
     chunks = [c for d in case.docs for c in split_chunks(d, count_tokens, chunk_tokens)]
     sims = embedder.embed(chunks) @ embedder.embed([case.question])[0]
@@ -111,24 +119,40 @@ class _Clock:
         return scores
 
 
-def hf_generate(hf, ids: list[int], max_tokens: int, stop_ids, pad_id: int) -> tuple[list[int], int, float]:
+def hf_generate(
+    hf, ids: list[int], max_tokens: int, stop_ids, pad_id: int
+) -> tuple[list[int], int, float]:
     """transformers' greedy generate(); returns (new ids, tokens after the first, their seconds)."""
     from transformers import LogitsProcessorList
 
     clock = _Clock()
     x = torch.tensor([ids], device=hf.device)
     with torch.inference_mode():
-        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens, do_sample=False,
-                          temperature=None, top_p=None, top_k=None, eos_token_id=sorted(stop_ids),
-                          pad_token_id=pad_id, logits_processor=LogitsProcessorList([clock]))
-    new = out[0, len(ids):].tolist()
+        out = hf.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=sorted(stop_ids),
+            pad_token_id=pad_id,
+            logits_processor=LogitsProcessorList([clock]),
+        )
+    new = out[0, len(ids) :].tolist()
     while new and new[-1] in stop_ids:
         new.pop()
     return new, len(clock.times) - 1, clock.times[-1] - clock.times[0]
 
 
-def trie_ceiling(context: list[int], answer: list[int], budget: int, max_prefix: int = 4,
-                 earlier: Iterable[list[int]] = ()) -> tuple[int, int]:
+def trie_ceiling(
+    context: list[int],
+    answer: list[int],
+    budget: int,
+    max_prefix: int = 4,
+    earlier: Iterable[list[int]] = (),
+) -> tuple[int, int]:
     """(forward passes, tokens after the first) of an oracle drafter: at each step it drafts, from
     the same n-grams as Lookahead (the context, the earlier answers and the answer so far,
     matched on its last 1..max_prefix tokens), the longest run of up to `budget` tokens that the
@@ -153,7 +177,7 @@ def trie_ceiling(context: list[int], answer: list[int], budget: int, max_prefix:
                 node = node.kids[answer[i + 1 + n]]
                 n += 1
             best = max(best, n)
-        for t in answer[i + 1:i + 2 + best]:
+        for t in answer[i + 1 : i + 2 + best]:
             stream.push(t)
             text.append(t)
         i += best + 1
@@ -166,9 +190,17 @@ def _after_first(r) -> int:
     return len(r.ids) if r.finish == "stop" else max(0, len(r.ids) - 1)
 
 
-def run_decode_bench(dataset: Path | str | None = None, questions: int = 8, max_tokens: int = 64, *,
-                     context_tokens: int = 2048, chunk_tokens: int = 256, settings=None,
-                     threads: int = 0, progress: bool = True) -> dict:
+def run_decode_bench(
+    dataset: Path | str | None = None,
+    questions: int = 8,
+    max_tokens: int = 64,
+    *,
+    context_tokens: int = 2048,
+    chunk_tokens: int = 256,
+    settings=None,
+    threads: int = 0,
+    progress: bool = True,
+) -> dict:
     from transformers import AutoModelForCausalLM
 
     from rag.engine.decode import decode
@@ -186,7 +218,11 @@ def run_decode_bench(dataset: Path | str | None = None, questions: int = 8, max_
     tok = lm.tokenizer
     count = lambda text: len(tok.encode_text(text))  # noqa: E731
     embedder = Embedder(s.embedder)
-    hf = AutoModelForCausalLM.from_pretrained(lm.path, dtype=lm.model.dtype).to(lm.model.device).eval()
+    hf = (
+        AutoModelForCausalLM.from_pretrained(lm.path, dtype=lm.model.dtype)
+        .to(lm.model.device)
+        .eval()
+    )
     pad = tok.hf.pad_token_id if tok.hf.pad_token_id is not None else min(tok.stop_ids)
     step = engine.step
     cases = load_cases(dataset, questions)
@@ -195,7 +231,9 @@ def run_decode_bench(dataset: Path | str | None = None, questions: int = 8, max_
     steps = accepted = ceiling_steps = ceiling_tokens = 0
     memory = AnswerMemory()  # the earlier questions' answers, as the engine keeps them
     for qi, case in enumerate(cases):
-        prompt = engine.prompts.build(retrieve(embedder, case, count, context_tokens, chunk_tokens), case.question)
+        prompt = engine.prompts.build(
+            retrieve(embedder, case, count, context_tokens, chunk_tokens), case.question
+        )
         ids = prompt.ids()
         pre = engine.prefill(prompt, "full", extra_slots=max_tokens)
         if qi == 0:  # warm-up: first calls allocate and pick kernels
@@ -205,9 +243,21 @@ def run_decode_bench(dataset: Path | str | None = None, questions: int = 8, max_
         res = {}
         for name in ("lean", "lookahead"):
             pre.cache.length = len(ids)
-            drafter = (Lookahead(ids[len(prompt.header):], memory=memory, budget=step.draft_budget)
-                       if name == "lookahead" else None)
-            r = decode(lm.model, step, tok, pre.cache, pre.logits[-1], len(ids), max_tokens, drafter=drafter)
+            drafter = (
+                Lookahead(ids[len(prompt.header) :], memory=memory, budget=step.draft_budget)
+                if name == "lookahead"
+                else None
+            )
+            r = decode(
+                lm.model,
+                step,
+                tok,
+                pre.cache,
+                pre.logits[-1],
+                len(ids),
+                max_tokens,
+                drafter=drafter,
+            )
             res[name] = (r, time.perf_counter() - r.first_token_at)
         tot["hf"][0] += hf_n
         tot["hf"][1] += hf_s
@@ -218,20 +268,38 @@ def run_decode_bench(dataset: Path | str | None = None, questions: int = 8, max_
         steps += la.steps
         accepted += la.accepted
         lean = res["lean"][0]
-        c_steps, c_tokens = trie_ceiling(ids[len(prompt.header):], lean.ids + [-1] * (lean.finish == "stop"),
-                                         step.draft_budget, earlier=memory.answers)
+        c_steps, c_tokens = trie_ceiling(
+            ids[len(prompt.header) :],
+            lean.ids + [-1] * (lean.finish == "stop"),
+            step.draft_budget,
+            earlier=memory.answers,
+        )
         memory.add(la.ids)
         ceiling_steps += c_steps
         ceiling_tokens += c_tokens
-        row = {"question": case.question, "context_tokens": prompt.context_end - len(prompt.header),
-               "prompt_tokens": len(ids), "hf_tokens": len(hf_ids), "lean_tokens": len(res["lean"][0].ids),
-               "hf_s": round(hf_s, 3), "lean_s": round(res["lean"][1], 3), "lookahead_s": round(res["lookahead"][1], 3),
-               "lookahead_steps": la.steps, "lookahead_accepted": la.accepted,
-               "identical": la.ids == res["lean"][0].ids, "hf_identical": hf_ids == res["lean"][0].ids,
-               "answer": res["lean"][0].text.strip()}
+        row = {
+            "question": case.question,
+            "context_tokens": prompt.context_end - len(prompt.header),
+            "prompt_tokens": len(ids),
+            "hf_tokens": len(hf_ids),
+            "lean_tokens": len(res["lean"][0].ids),
+            "hf_s": round(hf_s, 3),
+            "lean_s": round(res["lean"][1], 3),
+            "lookahead_s": round(res["lookahead"][1], 3),
+            "lookahead_steps": la.steps,
+            "lookahead_accepted": la.accepted,
+            "identical": la.ids == res["lean"][0].ids,
+            "hf_identical": hf_ids == res["lean"][0].ids,
+            "answer": res["lean"][0].text.strip(),
+        }
         rows.append(row)
         if progress:
-            log.warning("[%d/%d] %s", qi + 1, len(cases), json.dumps({k: v for k, v in row.items() if k != "answer"}))
+            log.warning(
+                "[%d/%d] %s",
+                qi + 1,
+                len(cases),
+                json.dumps({k: v for k, v in row.items() if k != "answer"}),
+            )
     rate = {k: (n / sec if sec > 0 else 0.0) for k, (n, sec) in tot.items()}
     return {
         "context_tokens": round(sum(r["context_tokens"] for r in rows) / len(rows)),
@@ -239,7 +307,9 @@ def run_decode_bench(dataset: Path | str | None = None, questions: int = 8, max_
         "lean_tok_s": round(rate["lean"], 2),
         "lookahead_tok_s": round(rate["lookahead"], 2),
         "mean_accepted_per_step": round((steps + accepted) / steps, 3) if steps else 0.0,
-        "ceiling_accepted_per_step": round(ceiling_tokens / ceiling_steps, 3) if ceiling_steps else 0.0,
+        "ceiling_accepted_per_step": round(ceiling_tokens / ceiling_steps, 3)
+        if ceiling_steps
+        else 0.0,
         "identical_outputs": all(r["identical"] for r in rows),
         "lean_over_hf": round(rate["lean"] / rate["hf"], 2) if rate["hf"] else None,
         "lookahead_over_lean": round(rate["lookahead"] / rate["lean"], 2) if rate["lean"] else None,
@@ -256,18 +326,32 @@ def run_decode_bench(dataset: Path | str | None = None, questions: int = 8, max_
 
 
 def add_bench_decode_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", type=Path, default=None,
-                        help="a folder of documents (default: the samples) or a SQuAD-format JSON file")
+    parser.add_argument(
+        "--dataset",
+        type=Path,
+        default=None,
+        help="a folder of documents (default: the samples) or a SQuAD-format JSON file",
+    )
     parser.add_argument("--questions", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--context-tokens", type=int, default=2048, help="retrieved context budget per prompt")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument(
+        "--context-tokens", type=int, default=2048, help="retrieved context budget per prompt"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads (0 = torch's default)"
+    )
     parser.add_argument("--json", type=Path, default=None, metavar="OUT.json")
 
 
 def cmd_bench_decode(args: argparse.Namespace, settings: Settings) -> int:
-    out = run_decode_bench(args.dataset, args.questions, args.max_tokens, context_tokens=args.context_tokens,
-                           settings=settings, threads=args.threads)
+    out = run_decode_bench(
+        args.dataset,
+        args.questions,
+        args.max_tokens,
+        context_tokens=args.context_tokens,
+        settings=settings,
+        threads=args.threads,
+    )
     summary = {k: v for k, v in out.items() if k != "per_question"}
     print(json.dumps(summary, indent=2))
     if args.json:

@@ -44,12 +44,24 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-async def _one(client: httpx.AsyncClient, question: str, mode: str, k: int, max_tokens: int,
-               ratio: float | None) -> dict:
+async def _one(
+    client: httpx.AsyncClient,
+    question: str,
+    mode: str,
+    k: int,
+    max_tokens: int,
+    ratio: float | None,
+) -> dict:
     """One streamed chat completion; the client-side TTFT and the server's kvrag report."""
     opts = {"k": k, "mode": mode, **({"ratio": ratio} if ratio is not None else {})}
-    body = {"model": "kvrag", "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "kvrag": opts}
+    body = {
+        "model": "kvrag",
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "kvrag": opts,
+    }
     t0 = time.perf_counter()
     ttft, info = None, None
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -68,8 +80,15 @@ async def _one(client: httpx.AsyncClient, question: str, mode: str, k: int, max_
     return {"ttft_s": ttft if ttft is not None else total, "total_s": total, "kvrag": info}
 
 
-async def _round(client: httpx.AsyncClient, jobs: list[str], mode: str, concurrency: int, k: int,
-                 max_tokens: int, ratio: float | None) -> tuple[float, list[dict]]:
+async def _round(
+    client: httpx.AsyncClient,
+    jobs: list[str],
+    mode: str,
+    concurrency: int,
+    k: int,
+    max_tokens: int,
+    ratio: float | None,
+) -> tuple[float, list[dict]]:
     queue = list(jobs)
     results: list[dict] = []
 
@@ -84,26 +103,49 @@ async def _round(client: httpx.AsyncClient, jobs: list[str], mode: str, concurre
 
 def _summary(seconds: float, results: list[dict]) -> dict:
     ok = [r for r in results if "error" not in r]
-    out: dict = {"requests": len(ok), "errors": len(results) - len(ok), "seconds": round(seconds, 2),
-                 "rps": round(len(ok) / seconds, 4) if seconds else 0.0}
+    out: dict = {
+        "requests": len(ok),
+        "errors": len(results) - len(ok),
+        "seconds": round(seconds, 2),
+        "rps": round(len(ok) / seconds, 4) if seconds else 0.0,
+    }
     if ok:
         ttft = [1000 * r["ttft_s"] for r in ok]
-        out.update({"ttft_ms_p50": round(percentile(ttft, 50), 1), "ttft_ms_p95": round(percentile(ttft, 95), 1),
-                    "latency_ms_p50": round(percentile([1000 * r["total_s"] for r in ok], 50), 1)})
+        out.update(
+            {
+                "ttft_ms_p50": round(percentile(ttft, 50), 1),
+                "ttft_ms_p95": round(percentile(ttft, 95), 1),
+                "latency_ms_p50": round(percentile([1000 * r["total_s"] for r in ok], 50), 1),
+            }
+        )
         infos = [r["kvrag"] for r in ok if r.get("kvrag")]
         if infos:  # what the server measured, queueing excluded
             for key in ("ttft", "prefill"):
-                out[f"server_{key}_ms_mean"] = round(sum(i["timings_ms"][key] for i in infos) / len(infos), 1)
+                out[f"server_{key}_ms_mean"] = round(
+                    sum(i["timings_ms"][key] for i in infos) / len(infos), 1
+                )
     if len(ok) < len(results):
         out["first_error"] = next(r["error"] for r in results if "error" in r)
     return out
 
 
-async def _bench(url: str, concurrency: int, requests: int, k: int, max_tokens: int, ratio: float | None,
-                 questions: list[str], api_key: str | None, warmup: bool, round_size: int) -> dict:
+async def _bench(
+    url: str,
+    concurrency: int,
+    requests: int,
+    k: int,
+    max_tokens: int,
+    ratio: float | None,
+    questions: list[str],
+    api_key: str | None,
+    warmup: bool,
+    round_size: int,
+) -> dict:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=concurrency + 2)
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=3600, limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=url, headers=headers, timeout=3600, limits=limits
+    ) as client:
         if warmup:  # first calls pay one-time costs (allocations, lazy init, cold caches)
             for mode in MODES:
                 await _one(client, questions[0], mode, k, max_tokens, ratio)
@@ -123,11 +165,20 @@ async def _bench(url: str, concurrency: int, requests: int, k: int, max_tokens: 
             rnd += 1
     modes = {m: _summary(seconds[m], results[m]) for m in MODES}
     full, blend = modes["full"], modes["blend"]
-    return {"concurrency": concurrency, "requests": requests, "k": k, "max_tokens": max_tokens,
-            "round_size": round_size, "modes": modes,
-            "ratio": round(blend["rps"] / full["rps"], 3) if full["rps"] else None,
-            "ttft_p95_ratio": (round(full["ttft_ms_p95"] / blend["ttft_ms_p95"], 3)
-                               if full.get("ttft_ms_p95") and blend.get("ttft_ms_p95") else None)}
+    return {
+        "concurrency": concurrency,
+        "requests": requests,
+        "k": k,
+        "max_tokens": max_tokens,
+        "round_size": round_size,
+        "modes": modes,
+        "ratio": round(blend["rps"] / full["rps"], 3) if full["rps"] else None,
+        "ttft_p95_ratio": (
+            round(full["ttft_ms_p95"] / blend["ttft_ms_p95"], 3)
+            if full.get("ttft_ms_p95") and blend.get("ttft_ms_p95")
+            else None
+        ),
+    }
 
 
 def free_port() -> int:
@@ -137,17 +188,34 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def own_server(settings: Settings, docs: list[Path], startup_timeout_s: float = 1800) -> Iterator[str]:
+def own_server(
+    settings: Settings, docs: list[Path], startup_timeout_s: float = 1800
+) -> Iterator[str]:
     """Ingest `docs` into settings.data_dir if its index is empty, then serve it on a free port."""
     from ingest.job import ingest
 
     if not (settings.index_dir / "CURRENT").exists():
         ingest(docs, settings, progress=False)
     port = free_port()
-    env = {**os.environ, "KVRAG_DATA_DIR": str(settings.data_dir.resolve()),
-           "KVRAG_MODEL_CACHE_DIR": str(settings.models_dir.resolve()), "KVRAG_API_KEYS": ""}
-    cmd = [sys.executable, "-m", "rag.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--warm",
-           "--log-level", "warning"]
+    env = {
+        **os.environ,
+        "KVRAG_DATA_DIR": str(settings.data_dir.resolve()),
+        "KVRAG_MODEL_CACHE_DIR": str(settings.models_dir.resolve()),
+        "KVRAG_API_KEYS": "",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "rag.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--warm",
+        "--log-level",
+        "warning",
+    ]
     proc = subprocess.Popen(cmd, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -170,10 +238,21 @@ def own_server(settings: Settings, docs: list[Path], startup_timeout_s: float = 
             proc.kill()
 
 
-def run_load_bench(url: str | None = None, *, settings: Settings | None = None, docs: list[Path] | None = None,
-                   concurrency: int = 4, requests: int = 24, k: int = 4, max_tokens: int = 8,
-                   ratio: float | None = None, questions: list[str] | None = None, api_key: str | None = None,
-                   warmup: bool = True, round_size: int | None = None) -> dict:
+def run_load_bench(
+    url: str | None = None,
+    *,
+    settings: Settings | None = None,
+    docs: list[Path] | None = None,
+    concurrency: int = 4,
+    requests: int = 24,
+    k: int = 4,
+    max_tokens: int = 8,
+    ratio: float | None = None,
+    questions: list[str] | None = None,
+    api_key: str | None = None,
+    warmup: bool = True,
+    round_size: int | None = None,
+) -> dict:
     """Run the benchmark against `url`, or against a server of its own when url is None.
 
     `requests` is per mode. Returns the result dict (see the module doc).
@@ -189,8 +268,12 @@ def run_load_bench(url: str | None = None, *, settings: Settings | None = None, 
         if settings is None:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="kvrag-bench-"))
             base = Settings()  # keep its converted-model cache: only the index and KV are fresh
-            settings = base.model_copy(update={"data_dir": Path(tmp) / "data",
-                                               "model_cache_dir": base.models_dir.resolve()})
+            settings = base.model_copy(
+                update={
+                    "data_dir": Path(tmp) / "data",
+                    "model_cache_dir": base.models_dir.resolve(),
+                }
+            )
         served = stack.enter_context(own_server(settings, docs or [SAMPLES]))
         result = asyncio.run(_bench(served, *args))
     result["server"] = "own"
@@ -199,29 +282,55 @@ def run_load_bench(url: str | None = None, *, settings: Settings | None = None, 
 
 def add_bench_load_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags of `kvrag bench load [--url URL] [--concurrency 4] [--requests 24] [--json OUT]`."""
-    p.add_argument("--url", default=None, help="a running server (default: start one on a free loopback port)")
+    p.add_argument(
+        "--url", default=None, help="a running server (default: start one on a free loopback port)"
+    )
     p.add_argument("--concurrency", type=int, default=4, help="clients sending at once")
     p.add_argument("--requests", type=int, default=24, help="requests per mode")
     p.add_argument("--k", type=int, default=4, help="chunks per prompt")
     p.add_argument("--max-tokens", type=int, default=8)
-    p.add_argument("--ratio", type=float, default=None, help="blend recompute ratio (default: the server's)")
-    p.add_argument("--docs", type=Path, nargs="+", default=None,
-                   help="documents for the own server's data dir when its index is empty (default samples/)")
-    p.add_argument("--fresh", action="store_true",
-                   help="own server over a temporary data dir instead of KVRAG_DATA_DIR / --data-dir")
-    p.add_argument("--api-key", default=os.environ.get("KVRAG_API_KEY"), help="bearer key for --url")
+    p.add_argument(
+        "--ratio", type=float, default=None, help="blend recompute ratio (default: the server's)"
+    )
+    p.add_argument(
+        "--docs",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="documents for the own server's data dir when its index is empty (default samples/)",
+    )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="own server over a temporary data dir instead of KVRAG_DATA_DIR / --data-dir",
+    )
+    p.add_argument(
+        "--api-key", default=os.environ.get("KVRAG_API_KEY"), help="bearer key for --url"
+    )
     p.add_argument("--no-warmup", action="store_true")
-    p.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="write the result here")
+    p.add_argument(
+        "--json", type=Path, default=None, metavar="OUT.json", help="write the result here"
+    )
     return p
 
 
 def cmd_bench_load(args: argparse.Namespace, settings: Settings | None = None) -> int:
     if not args.url and not args.fresh and settings is None:
-        settings = Settings(**({"data_dir": args.data_dir} if getattr(args, "data_dir", None) else {}))
-    result = run_load_bench(args.url, settings=None if args.fresh else settings, docs=args.docs,
-                            concurrency=args.concurrency, requests=args.requests, k=args.k,
-                            max_tokens=args.max_tokens, ratio=args.ratio, api_key=args.api_key,
-                            warmup=not args.no_warmup)
+        settings = Settings(
+            **({"data_dir": args.data_dir} if getattr(args, "data_dir", None) else {})
+        )
+    result = run_load_bench(
+        args.url,
+        settings=None if args.fresh else settings,
+        docs=args.docs,
+        concurrency=args.concurrency,
+        requests=args.requests,
+        k=args.k,
+        max_tokens=args.max_tokens,
+        ratio=args.ratio,
+        api_key=args.api_key,
+        warmup=not args.no_warmup,
+    )
     text = json.dumps(result, indent=2)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -53,13 +53,23 @@ def _ask(replica: Replica, question: str, k: int, max_tokens: int) -> dict:
     if r.status_code != 200:
         return {"replica": replica.name, "error": f"HTTP {r.status_code}: {r.text[:200]}"}
     info = r.json()["kvrag"]
-    return {"replica": replica.name, "ttft_ms": info["timings_ms"]["ttft"],
-            "wall_ms": round(wall_ms, 1), "kv_hits": info["cache"]["kv_hits"],
-            "kv_misses": info["cache"]["kv_misses"]}
+    return {
+        "replica": replica.name,
+        "ttft_ms": info["timings_ms"]["ttft"],
+        "wall_ms": round(wall_ms, 1),
+        "kv_hits": info["cache"]["kv_hits"],
+        "kv_misses": info["cache"]["kv_misses"],
+    }
 
 
-def _shared_vs_cold(writer: Replica, readers: list[Replica], cold: Replica, questions: list[str],
-                    k: int, max_tokens: int) -> dict:
+def _shared_vs_cold(
+    writer: Replica,
+    readers: list[Replica],
+    cold: Replica,
+    questions: list[str],
+    k: int,
+    max_tokens: int,
+) -> dict:
     rows: dict[str, list[dict]] = {"writer": [], "shared": [], "cold": []}
     for i, q in enumerate(tqdm(questions, desc="shared vs cold", unit="question")):
         rows["writer"].append(_ask(writer, q, k, max_tokens))
@@ -74,8 +84,14 @@ def _p50(rows: list[dict]) -> float | None:
     return round(percentile(ttfts, 50), 1) if ttfts else None
 
 
-def _tier_throughput(cluster_url: str, single_url: str, k: int, repeats: int,
-                     settle: Callable[[], None] = lambda: None, max_values: int = 24) -> dict:
+def _tier_throughput(
+    cluster_url: str,
+    single_url: str,
+    k: int,
+    repeats: int,
+    settle: Callable[[], None] = lambda: None,
+    max_values: int = 24,
+) -> dict:
     """Batched get MB/s of the cluster tier and the single-node tier on the same chunk values.
     `settle` runs after the copies are written (the own cluster waits for its replicas to catch
     up, so replication traffic does not share the CPU with the timed reads)."""
@@ -88,9 +104,12 @@ def _tier_throughput(cluster_url: str, single_url: str, k: int, repeats: int,
     nodes, options = parse_cluster_url(cluster_url)
     source = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], **options)
     try:
-        names = list(source.scan_iter(match=DEFAULT_PREFIX + "*", count=1000,
-                                      target_nodes=RedisCluster.PRIMARIES))[:max_values]
-        values = {n.decode()[len(DEFAULT_PREFIX):]: source.get(n) for n in names}
+        names = list(
+            source.scan_iter(
+                match=DEFAULT_PREFIX + "*", count=1000, target_nodes=RedisCluster.PRIMARIES
+            )
+        )[:max_values]
+        values = {n.decode()[len(DEFAULT_PREFIX) :]: source.get(n) for n in names}
     finally:
         source.close()
     values = {key: v for key, v in values.items() if v}
@@ -104,7 +123,7 @@ def _tier_throughput(cluster_url: str, single_url: str, k: int, repeats: int,
         single.put_many(values)
         settle()
         keys = list(values)
-        batches = [keys[i:i + k] for i in range(0, len(keys) - k + 1, k)]
+        batches = [keys[i : i + k] for i in range(0, len(keys) - k + 1, k)]
         mb_s: dict[str, list[float]] = {"cluster": [], "single": []}
         for rep in range(repeats):
             for batch in batches:
@@ -117,10 +136,15 @@ def _tier_throughput(cluster_url: str, single_url: str, k: int, repeats: int,
                         return {"error": f"{name} tier lost values during the benchmark"}
                     mb_s[name].append(sum(len(v) for v in got.values()) / 1e6 / dt)
         c, s = statistics.median(mb_s["cluster"]), statistics.median(mb_s["single"])
-        return {"cluster_get_mb_s": round(c, 1), "single_get_mb_s": round(s, 1),
-                "ratio_to_single": round(c / s, 3), "values": len(values),
-                "value_mb_mean": round(statistics.mean(len(v) for v in values.values()) / 1e6, 2),
-                "batch": k, "batches_timed": len(mb_s["cluster"])}
+        return {
+            "cluster_get_mb_s": round(c, 1),
+            "single_get_mb_s": round(s, 1),
+            "ratio_to_single": round(c / s, 3),
+            "values": len(values),
+            "value_mb_mean": round(statistics.mean(len(v) for v in values.values()) / 1e6, 2),
+            "batch": k,
+            "batches_timed": len(mb_s["cluster"]),
+        }
     finally:
         cluster.clear()
         single.clear()
@@ -128,8 +152,13 @@ def _tier_throughput(cluster_url: str, single_url: str, k: int, repeats: int,
         single.close()
 
 
-def _kill_run(replicas: list[Replica], cluster: LocalCluster | None, questions: list[str], k: int,
-              max_tokens: int) -> dict:
+def _kill_run(
+    replicas: list[Replica],
+    cluster: LocalCluster | None,
+    questions: list[str],
+    k: int,
+    max_tokens: int,
+) -> dict:
     """Requests round-robin over the replicas; one master SIGKILLed before the first third.
     A watcher thread times the failover (kill -> a replica owns the slots, cluster ok)."""
     kill_at = len(questions) // 3 if cluster is not None else None
@@ -151,9 +180,14 @@ def _kill_run(replicas: list[Replica], cluster: LocalCluster | None, questions: 
         rows.append({**_ask(replicas[i % len(replicas)], q, k, max_tokens), "i": i})
     if watcher is not None:
         watcher.join(60)
-    out: dict = {"requests": len(rows), "failed": sum("error" in r for r in rows), "rows": rows,
-                 "killed": victim.name if victim else None, "kill_before_request": kill_at,
-                 **failover}
+    out: dict = {
+        "requests": len(rows),
+        "failed": sum("error" in r for r in rows),
+        "rows": rows,
+        "killed": victim.name if victim else None,
+        "kill_before_request": kill_at,
+        **failover,
+    }
     if kill_at is not None:  # from which request on every chunk was a hit again
         partial = [r["i"] for r in rows[kill_at:] if r.get("kv_hits") != k]
         out["requests_with_misses_after_kill"] = len(partial)
@@ -167,22 +201,31 @@ def _warnings(replica: Replica) -> list[str]:
     return [line for line in replica.log_text().splitlines() if line.startswith("WARNING cache.")]
 
 
-def run_replicas_bench(settings: Settings, replicas: int = 2, requests: int = 24, k: int = 4,
-                       max_tokens: int = 4, redis_url: str | None = None,
-                       docs: list[Path] | None = None, repeats: int = 10,
-                       kill: bool = True) -> dict:
+def run_replicas_bench(
+    settings: Settings,
+    replicas: int = 2,
+    requests: int = 24,
+    k: int = 4,
+    max_tokens: int = 4,
+    redis_url: str | None = None,
+    docs: list[Path] | None = None,
+    repeats: int = 10,
+    kill: bool = True,
+) -> dict:
     from ingest.job import ingest
 
     if replicas < 2:
         raise ValueError("--replicas must be at least 2 (one computes, the others read)")
     if redis_url is None and not have_redis_server():
-        raise RuntimeError("redis-server / redis-cli not on PATH: install Redis, "
-                           "or pass --redis-url")
+        raise RuntimeError(
+            "redis-server / redis-cli not on PATH: install Redis, or pass --redis-url"
+        )
     questions = [SAMPLE_QUESTIONS[i % len(SAMPLE_QUESTIONS)] for i in range(requests)]
     with contextlib.ExitStack() as stack:
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kvrag-replicas-")))
-        run_settings = settings.model_copy(update={
-            "data_dir": root / "data", "model_cache_dir": settings.models_dir.resolve()})
+        run_settings = settings.model_copy(
+            update={"data_dir": root / "data", "model_cache_dir": settings.models_dir.resolve()}
+        )
         cwd = os.getcwd()
         os.chdir(root)  # doc ids relative to the run dir
         try:
@@ -194,8 +237,13 @@ def run_replicas_bench(settings: Settings, replicas: int = 2, requests: int = 24
             cluster = stack.enter_context(LocalCluster(masters=3, replicas=1))
             redis_url = cluster.url
         fleet = stack.enter_context(  # the last one has no shared tier: the cold baseline
-            serve_replicas([redis_url] * replicas + [""], run_settings.data_dir, root / "state",
-                           run_settings.models_dir))
+            serve_replicas(
+                [redis_url] * replicas + [""],
+                run_settings.data_dir,
+                root / "state",
+                run_settings.models_dir,
+            )
+        )
         *shared, cold = fleet
         writer, readers = shared[0], shared[1:]
         rows = _shared_vs_cold(writer, readers, cold, questions, k, max_tokens)
@@ -205,13 +253,21 @@ def run_replicas_bench(settings: Settings, replicas: int = 2, requests: int = 24
         throughput: dict = {"error": "redis-server not on PATH"}
         if have_redis_server():
             single = stack.enter_context(LocalRedis())
-            throughput = _tier_throughput(redis_url, single.url, k, repeats,
-                                          cluster.wait_replicated if cluster else lambda: None)
+            throughput = _tier_throughput(
+                redis_url,
+                single.url,
+                k,
+                repeats,
+                cluster.wait_replicated if cluster else lambda: None,
+            )
         killed = _kill_run(shared, cluster if kill else None, questions, k, max_tokens)
         warnings = {r.name: _warnings(r) for r in fleet}
     failed = killed["failed"] + sum("error" in r for rs in rows.values() for r in rs)
     return {
-        "replicas": replicas, "requests": requests, "k": k, "max_tokens": max_tokens,
+        "replicas": replicas,
+        "requests": requests,
+        "k": k,
+        "max_tokens": max_tokens,
         "ttft_ms_p50": {"shared": shared_p50, "cold": cold_p50, "writer": _p50(rows["writer"])},
         "speedup": round(cold_p50 / shared_p50, 2) if shared_p50 and cold_p50 else None,
         "reader_hit_rate": round(reader_hits / reader_chunks, 4) if reader_chunks else None,
@@ -233,14 +289,25 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.5),
-                                        gridspec_kw={"width_ratios": [3, 1, 3]})
+    fig, (ax1, ax2, ax3) = plt.subplots(
+        1, 3, figsize=(16, 4.5), gridspec_kw={"width_ratios": [3, 1, 3]}
+    )
     for kind, color in (("cold", "tab:red"), ("shared", "tab:green")):
         ys = [r.get("ttft_ms") for r in result["rows"][kind]]
-        ax1.plot(range(len(ys)), ys, "o-", color=color, ms=3,
-                 label=f"{kind}: p50 {result['ttft_ms_p50'][kind]} ms")
-    ax1.set(xlabel="question", ylabel="server TTFT (ms)", ylim=(0, None),
-            title=f"Reader on the writer's chunks vs cold: {result['speedup']}x")
+        ax1.plot(
+            range(len(ys)),
+            ys,
+            "o-",
+            color=color,
+            ms=3,
+            label=f"{kind}: p50 {result['ttft_ms_p50'][kind]} ms",
+        )
+    ax1.set(
+        xlabel="question",
+        ylabel="server TTFT (ms)",
+        ylim=(0, None),
+        title=f"Reader on the writer's chunks vs cold: {result['speedup']}x",
+    )
     ax1.legend()
     values = [result["single_get_mb_s"] or 0, result["cluster_get_mb_s"] or 0]
     ax2.bar(["single node", "cluster"], values, color=["tab:gray", "tab:blue"])
@@ -251,15 +318,29 @@ def plot(result: dict, path: Path) -> None:
         ax3.plot(*zip(*pts, strict=True), "o", ms=4, label=f"replica {name}")
     for r in kill:
         if "kv_hits" in r:
-            ax3.annotate(str(r["kv_hits"]), (r["i"], r["ttft_ms"]), fontsize=7, xytext=(0, 4),
-                         textcoords="offset points", ha="center")
+            ax3.annotate(
+                str(r["kv_hits"]),
+                (r["i"], r["ttft_ms"]),
+                fontsize=7,
+                xytext=(0, 4),
+                textcoords="offset points",
+                ha="center",
+            )
         else:
             ax3.axvline(r["i"], color="red", lw=2)
     if result["kill"].get("kill_before_request") is not None:
-        ax3.axvline(result["kill"]["kill_before_request"] - 0.5, color="black", ls="--",
-                    label="master killed")
-    ax3.set(xlabel="request", ylabel="server TTFT (ms)", ylim=(0, None),
-            title=f"Master killed: {result['kill']['failed']} failed (labels: chunks hit)")
+        ax3.axvline(
+            result["kill"]["kill_before_request"] - 0.5,
+            color="black",
+            ls="--",
+            label="master killed",
+        )
+    ax3.set(
+        xlabel="request",
+        ylabel="server TTFT (ms)",
+        ylim=(0, None),
+        title=f"Master killed: {result['kill']['failed']} failed (labels: chunks hit)",
+    )
     ax3.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -268,30 +349,49 @@ def plot(result: dict, path: Path) -> None:
 
 def add_bench_replicas_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags of `kvrag bench replicas [--replicas 2] [--requests 24] [--json OUT]`."""
-    p.add_argument("--replicas", type=int, default=2,
-                   help="API processes sharing the KV tier (>= 2)")
-    p.add_argument("--requests", type=int, default=24,
-                   help="questions per part (shared/cold, kill run)")
+    p.add_argument(
+        "--replicas", type=int, default=2, help="API processes sharing the KV tier (>= 2)"
+    )
+    p.add_argument(
+        "--requests", type=int, default=24, help="questions per part (shared/cold, kill run)"
+    )
     p.add_argument("--k", type=int, default=4, help="chunks per prompt")
     p.add_argument("--max-tokens", type=int, default=4)
-    p.add_argument("--redis-url", default=None,
-                   help="use this cluster, redis+cluster://host:port,... (then no master is "
-                        "killed); default: start one on loopback")
-    p.add_argument("--docs", type=Path, nargs="+", default=None,
-                   help="documents to serve (default samples/)")
-    p.add_argument("--repeats", type=int, default=10,
-                   help="passes over the values in the throughput part")
+    p.add_argument(
+        "--redis-url",
+        default=None,
+        help="use this cluster, redis+cluster://host:port,... (then no master is "
+        "killed); default: start one on loopback",
+    )
+    p.add_argument(
+        "--docs", type=Path, nargs="+", default=None, help="documents to serve (default samples/)"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=10, help="passes over the values in the throughput part"
+    )
     p.add_argument("--no-kill", action="store_true", help="skip killing a master")
-    p.add_argument("--json", type=Path, default=None, metavar="OUT.json",
-                   help="write the result here, and the plot beside it (OUT.png)")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        metavar="OUT.json",
+        help="write the result here, and the plot beside it (OUT.png)",
+    )
     return p
 
 
 def cmd_bench_replicas(args: argparse.Namespace, settings: Settings | None = None) -> int:
-    result = run_replicas_bench(settings or Settings(), replicas=args.replicas,
-                                requests=args.requests, k=args.k, max_tokens=args.max_tokens,
-                                redis_url=args.redis_url, docs=args.docs, repeats=args.repeats,
-                                kill=not args.no_kill)
+    result = run_replicas_bench(
+        settings or Settings(),
+        replicas=args.replicas,
+        requests=args.requests,
+        k=args.k,
+        max_tokens=args.max_tokens,
+        redis_url=args.redis_url,
+        docs=args.docs,
+        repeats=args.repeats,
+        kill=not args.no_kill,
+    )
     text = json.dumps(result, indent=2)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -299,4 +399,3 @@ def cmd_bench_replicas(args: argparse.Namespace, settings: Settings | None = Non
         plot(result, args.json.with_suffix(".png"))
     print(json.dumps({key: v for key, v in result.items() if key != "rows"}, indent=2))
     return 1 if result["failed_requests"] else 0
-

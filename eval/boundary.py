@@ -15,7 +15,11 @@ from ingest.chunkers.base import Span
 
 def sample_pairs(chunks: dict[str, Sequence[Span]], n: int) -> list[tuple[str, Span, Span]]:
     """Up to n adjacent (previous, next) chunk pairs, spread evenly over all corpora in order."""
-    pairs = [(corpus, a, b) for corpus, spans in chunks.items() for a, b in zip(spans, spans[1:], strict=False)]
+    pairs = [
+        (corpus, a, b)
+        for corpus, spans in chunks.items()
+        for a, b in zip(spans, spans[1:], strict=False)
+    ]
     if n <= 0 or not pairs:
         return []
     if len(pairs) <= n:
@@ -23,8 +27,9 @@ def sample_pairs(chunks: dict[str, Sequence[Span]], n: int) -> list[tuple[str, S
     return [pairs[(i * len(pairs)) // n] for i in range(n)]
 
 
-def boundary_clarity(texts: dict[str, str], pairs: Sequence[tuple[str, Span, Span]], scorer,
-                     max_tokens: int = 128) -> float | None:
+def boundary_clarity(
+    texts: dict[str, str], pairs: Sequence[tuple[str, Span, Span]], scorer, max_tokens: int = 128
+) -> float | None:
     """Mean of loss(next | previous) / loss(next alone) over the pairs (texts truncated to max_tokens)."""
     tok = scorer.tokenizer
     space = tok.encode_text(" ")

@@ -65,8 +65,11 @@ class QuestionScores:
     precision_omega: float
 
 
-def score_question(excerpts: Sequence[Located], retrieved: Sequence[Located],
-                   touching: Sequence[Located] | None = None) -> QuestionScores:
+def score_question(
+    excerpts: Sequence[Located],
+    retrieved: Sequence[Located],
+    touching: Sequence[Located] | None = None,
+) -> QuestionScores:
     """Scores of one question; `touching` = every chunk of the collection that overlaps an excerpt."""
     corpus = excerpts[0].corpus
     e = union((x.start, x.end) for x in excerpts)

@@ -59,8 +59,9 @@ class Node:
         return f"127.0.0.1:{self.port}"
 
     def client(self, timeout_s: float = 1.0) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=timeout_s,
-                           socket_connect_timeout=timeout_s)
+        return redis.Redis(
+            port=self.port, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
 
     @property
     def alive(self) -> bool:
@@ -69,10 +70,27 @@ class Node:
 
 def _server_args(port: int, workdir: Path, maxmemory: str | None, policy: str | None) -> list[str]:
     # A cache: no RDB, no AOF. Diskless replication without delay so replicas sync at once.
-    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
-            "--save", "", "--appendonly", "no", "--repl-diskless-sync", "yes",
-            "--repl-diskless-sync-delay", "0", "--repl-ping-replica-period", "1",
-            "--logfile", str(workdir / f"redis-{port}.log")]
+    args = [
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(workdir),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--repl-diskless-sync",
+        "yes",
+        "--repl-diskless-sync-delay",
+        "0",
+        "--repl-ping-replica-period",
+        "1",
+        "--logfile",
+        str(workdir / f"redis-{port}.log"),
+    ]
     if maxmemory:
         args += ["--maxmemory", maxmemory, "--maxmemory-policy", policy or "allkeys-lru"]
     return args
@@ -97,8 +115,9 @@ def _start(node: Node, args: list[str]) -> None:
 
     def answers() -> bool:
         if node.proc.poll() is not None:
-            raise RuntimeError(f"redis-server on port {node.port} exited "
-                               f"with {node.proc.returncode}")
+            raise RuntimeError(
+                f"redis-server on port {node.port} exited with {node.proc.returncode}"
+            )
         return bool(node.client(0.2).ping())
 
     _wait(answers, 10, f"redis-server on port {node.port}", 0.02)
@@ -147,8 +166,14 @@ class LocalCluster:
     good takes its own slots down, not the whole cluster.
     """
 
-    def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 500,
-                 maxmemory: str | None = None, policy: str | None = None) -> None:
+    def __init__(
+        self,
+        masters: int = 3,
+        replicas: int = 1,
+        node_timeout_ms: int = 500,
+        maxmemory: str | None = None,
+        policy: str | None = None,
+    ) -> None:
         if masters < 3:
             raise ValueError("redis-cli --cluster create needs at least 3 masters")
         self.n_masters, self.n_replicas = masters, replicas
@@ -167,18 +192,35 @@ class LocalCluster:
         try:
             for node in self.nodes:
                 args = _server_args(node.port, self.dir, self.maxmemory, self.policy) + [
-                    "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{node.port}.conf",
-                    "--cluster-node-timeout", str(self.node_timeout_ms),
-                    "--cluster-require-full-coverage", "no"]
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    f"nodes-{node.port}.conf",
+                    "--cluster-node-timeout",
+                    str(self.node_timeout_ms),
+                    "--cluster-require-full-coverage",
+                    "no",
+                ]
                 _start(node, args)
             # The first `masters` addresses become masters, the rest their replicas.
             out = subprocess.run(
-                ["redis-cli", "--cluster", "create", *(n.name for n in self.nodes),
-                 "--cluster-replicas", str(self.n_replicas), "--cluster-yes"],
-                capture_output=True, text=True, timeout=60)
+                [
+                    "redis-cli",
+                    "--cluster",
+                    "create",
+                    *(n.name for n in self.nodes),
+                    "--cluster-replicas",
+                    str(self.n_replicas),
+                    "--cluster-yes",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             if out.returncode != 0:
                 raise RuntimeError(
-                    f"redis-cli --cluster create failed:\n{out.stdout}\n{out.stderr}")
+                    f"redis-cli --cluster create failed:\n{out.stdout}\n{out.stderr}"
+                )
             self.wait_ok(with_replicas=True)
         except BaseException:
             self.stop()
@@ -236,8 +278,9 @@ class LocalCluster:
                     return False
             slots = self.live()[0].client().execute_command("CLUSTER SLOTS")
             live_ports = {n.port for n in self.live()}
-            covered = sum(end - start + 1 for start, end, owner, *_ in slots
-                          if int(owner[1]) in live_ports)
+            covered = sum(
+                end - start + 1 for start, end, owner, *_ in slots if int(owner[1]) in live_ports
+            )
             synced = all(len(replicas) >= self.n_replicas for _, _, _, *replicas in slots)
             return covered == 16384 and (synced or not with_replicas)
 
@@ -263,8 +306,9 @@ class LocalCluster:
         def caught_up() -> bool:
             for port, offset in targets.items():
                 info = self.node(port).client().info("replication")
-                replicas = [v for k, v in info.items()
-                            if k.startswith("slave") and isinstance(v, dict)]
+                replicas = [
+                    v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)
+                ]
                 if len(replicas) < self.n_replicas or any(r["offset"] < offset for r in replicas):
                     return False
             return True

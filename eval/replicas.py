@@ -33,10 +33,22 @@ class Replica:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def chat(self, question: str, *, k: int = 4, max_tokens: int = 4, mode: str = "blend",
-             timeout_s: float = 300) -> httpx.Response:
-        body = {"model": "kvrag", "messages": [{"role": "user", "content": question}],
-                "max_tokens": max_tokens, "temperature": 0, "kvrag": {"k": k, "mode": mode}}
+    def chat(
+        self,
+        question: str,
+        *,
+        k: int = 4,
+        max_tokens: int = 4,
+        mode: str = "blend",
+        timeout_s: float = 300,
+    ) -> httpx.Response:
+        body = {
+            "model": "kvrag",
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "kvrag": {"k": k, "mode": mode},
+        }
         return httpx.post(f"{self.url}/v1/chat/completions", json=body, timeout=timeout_s)
 
     def retrieve(self, query: str, k: int = 3) -> list[dict]:
@@ -60,22 +72,43 @@ class Replica:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def replica_env(data_dir: Path, redis_url: str, state_dir: Path, name: str, models_dir: Path, *,
-                memory_mb: int = 0, threads: int = 1) -> dict[str, str]:
+def replica_env(
+    data_dir: Path,
+    redis_url: str,
+    state_dir: Path,
+    name: str,
+    models_dir: Path,
+    *,
+    memory_mb: int = 0,
+    threads: int = 1,
+) -> dict[str, str]:
     """The environment of one replica: the shared data dir and KV tier, the converted model
     outside the data dir, no per-replica disk tier, and its cache-stats file outside the data
     dir too (which it only reads)."""
-    return {**os.environ, "KVRAG_DATA_DIR": str(data_dir), "KVRAG_REDIS_URL": redis_url,
-            "KVRAG_MODEL_CACHE_DIR": str(models_dir), "KVRAG_CACHE_DISK_MB": "0",
-            "KVRAG_CACHE_MEMORY_MB": str(memory_mb),
-            "KVRAG_CACHE_STATS_FILE": str(state_dir / f"cache_stats-{name}.json"),
-            "KVRAG_THREADS": str(threads), "KVRAG_API_KEYS": ""}
+    return {
+        **os.environ,
+        "KVRAG_DATA_DIR": str(data_dir),
+        "KVRAG_REDIS_URL": redis_url,
+        "KVRAG_MODEL_CACHE_DIR": str(models_dir),
+        "KVRAG_CACHE_DISK_MB": "0",
+        "KVRAG_CACHE_MEMORY_MB": str(memory_mb),
+        "KVRAG_CACHE_STATS_FILE": str(state_dir / f"cache_stats-{name}.json"),
+        "KVRAG_THREADS": str(threads),
+        "KVRAG_API_KEYS": "",
+    }
 
 
 @contextlib.contextmanager
-def serve_replicas(redis_urls: Sequence[str], data_dir: Path, state_dir: Path, models_dir: Path,
-                   *, memory_mb: int = 0, threads: int = 1,
-                   startup_timeout_s: float = 600) -> Iterator[list[Replica]]:
+def serve_replicas(
+    redis_urls: Sequence[str],
+    data_dir: Path,
+    state_dir: Path,
+    models_dir: Path,
+    *,
+    memory_mb: int = 0,
+    threads: int = 1,
+    startup_timeout_s: float = 600,
+) -> Iterator[list[Replica]]:
     """One replica per entry of redis_urls (its KVRAG_REDIS_URL; "" = no shared tier), named a, b,
     c, ...; all start at once; waits until every one answers /healthz; stops them all on exit."""
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -86,18 +119,38 @@ def serve_replicas(redis_urls: Sequence[str], data_dir: Path, state_dir: Path, m
             log_path = state_dir / f"replica-{name}.log"
             with open(log_path, "wb") as log:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "rag.cli", "serve", "--host", "127.0.0.1",
-                     "--port", str(port), "--log-level", "warning"],
-                    env=replica_env(data_dir, redis_url, state_dir, name, models_dir,
-                                    memory_mb=memory_mb, threads=threads),
-                    stdout=log, stderr=subprocess.STDOUT)
+                    [
+                        sys.executable,
+                        "-m",
+                        "rag.cli",
+                        "serve",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(port),
+                        "--log-level",
+                        "warning",
+                    ],
+                    env=replica_env(
+                        data_dir,
+                        redis_url,
+                        state_dir,
+                        name,
+                        models_dir,
+                        memory_mb=memory_mb,
+                        threads=threads,
+                    ),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
             replicas.append(Replica(name, port, proc, log_path))
         deadline = time.monotonic() + startup_timeout_s
         for r in replicas:
             while True:
                 if r.proc.poll() is not None:
-                    raise RuntimeError(f"replica {r.name} exited with {r.proc.returncode}:\n"
-                                       f"{r.log_text()[-3000:]}")
+                    raise RuntimeError(
+                        f"replica {r.name} exited with {r.proc.returncode}:\n{r.log_text()[-3000:]}"
+                    )
                 with contextlib.suppress(httpx.HTTPError):
                     if httpx.get(f"{r.url}/healthz", timeout=2).status_code == 200:
                         break

@@ -27,9 +27,19 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
     return "\n".join([head, rule, *body]) + "\n"
 
 
-def scatter_plot(rows: Sequence[dict], x: str, y: str, label: str, path: Path | str, *,
-                 title: str = "", xlabel: str = "", ylabel: str = "",
-                 refs: Sequence[tuple[str, float, float]] = (), series: str | None = None) -> Path:
+def scatter_plot(
+    rows: Sequence[dict],
+    x: str,
+    y: str,
+    label: str,
+    path: Path | str,
+    *,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    refs: Sequence[tuple[str, float, float]] = (),
+    series: str | None = None,
+) -> Path:
     """One labelled point per row (x, y as fractions shown in %), plus optional reference points.
 
     Rows sharing a `series` value share a colour and a line (in row order) and a legend entry.
@@ -45,15 +55,33 @@ def scatter_plot(rows: Sequence[dict], x: str, y: str, label: str, path: Path | 
         groups.setdefault(r[series] if series is not None else i, []).append(r)
     for name, points in groups.items():
         xs, ys = [100 * r[x] for r in points], [100 * r[y] for r in points]
-        color = ax.plot(xs, ys, "o-" if len(points) > 1 else "o", ms=6, lw=1,
-                        label=str(name) if series is not None else None)[0].get_color()
+        color = ax.plot(
+            xs,
+            ys,
+            "o-" if len(points) > 1 else "o",
+            ms=6,
+            lw=1,
+            label=str(name) if series is not None else None,
+        )[0].get_color()
         for r, px, py in zip(points, xs, ys, strict=True):
-            ax.annotate(str(r[label]), (px, py), textcoords="offset points", xytext=(5, 4), fontsize=8,
-                        color=color if series is not None else "black")
+            ax.annotate(
+                str(r[label]),
+                (px, py),
+                textcoords="offset points",
+                xytext=(5, 4),
+                fontsize=8,
+                color=color if series is not None else "black",
+            )
     for name, rx, ry in refs:
         ax.scatter(100 * rx, 100 * ry, marker="x", color="grey", s=30)
-        ax.annotate(name, (100 * rx, 100 * ry), textcoords="offset points", xytext=(5, -10), fontsize=7,
-                    color="grey")
+        ax.annotate(
+            name,
+            (100 * rx, 100 * ry),
+            textcoords="offset points",
+            xytext=(5, -10),
+            fontsize=7,
+            color="grey",
+        )
     ax.set_xlabel(xlabel or f"{x} (%)")
     ax.set_ylabel(ylabel or f"{y} (%)")
     if title:

@@ -53,8 +53,12 @@ def load_questions(path: Path | str) -> list[Question]:
     out = []
     for r in rows:
         refs = json.loads(r["references"])
-        out.append(Question(r["question"], [Located(r["corpus_id"], int(x["start_index"]), int(x["end_index"]))
-                                            for x in refs]))
+        out.append(
+            Question(
+                r["question"],
+                [Located(r["corpus_id"], int(x["start_index"]), int(x["end_index"])) for x in refs],
+            )
+        )
     return out
 
 
@@ -75,20 +79,33 @@ class EmbeddingCache:
     def embed(self, texts: list[str], progress: bool = False) -> np.ndarray:
         todo = list(dict.fromkeys(t for t in texts if t not in self.vectors))
         if todo:
-            for t, v in zip(todo, self.embedder.embed(todo, batch_size=32, progress=progress), strict=True):
+            for t, v in zip(
+                todo, self.embedder.embed(todo, batch_size=32, progress=progress), strict=True
+            ):
                 self.vectors[t] = v
-        return np.stack([self.vectors[t] for t in texts]) if texts else np.zeros((0, self.embedder.dim), np.float32)
+        return (
+            np.stack([self.vectors[t] for t in texts])
+            if texts
+            else np.zeros((0, self.embedder.dim), np.float32)
+        )
 
 
-def evaluate_chunks(chunks: list[Located], corpora: dict[str, str], questions: list[Question],
-                    q_vecs: np.ndarray, cache: EmbeddingCache, k: int, retrieval: str = "dense",
-                    progress: bool = False) -> dict:
+def evaluate_chunks(
+    chunks: list[Located],
+    corpora: dict[str, str],
+    questions: list[Question],
+    q_vecs: np.ndarray,
+    cache: EmbeddingCache,
+    k: int,
+    retrieval: str = "dense",
+    progress: bool = False,
+) -> dict:
     """Mean scores of the questions' top k, retrieved as the service does (rag.index.retriever)."""
     from rag.index.lexical_index import LexicalIndex
     from rag.index.retriever import Retriever
     from rag.index.vector_index import VectorIndex
 
-    texts = [corpora[c.corpus][c.start:c.end] for c in chunks]
+    texts = [corpora[c.corpus][c.start : c.end] for c in chunks]
     vecs = cache.embed(texts, progress=progress)
     index = VectorIndex(vecs.shape[1])
     ids = list(range(len(chunks)))  # corpus/position order: ties go to the earlier chunk
@@ -99,7 +116,9 @@ def evaluate_chunks(chunks: list[Located], corpora: dict[str, str], questions: l
     for q, v in zip(questions, q_vecs, strict=True):
         hits = [chunks[i] for i, _ in retriever.search(v, q.text, k)]
         touching = {c for x in q.excerpts for c in locator.touching(x)}
-        scores.append(score_question(q.excerpts, hits, sorted(touching, key=lambda c: (c.start, c.end))))
+        scores.append(
+            score_question(q.excerpts, hits, sorted(touching, key=lambda c: (c.start, c.end)))
+        )
     return mean_scores(scores)
 
 
@@ -110,10 +129,19 @@ def _memo_hits(resources, needs_lm: bool) -> int:
     return (resources.scorer.memo_hits if needs_lm else 0) + sentence_distances.cache_info().hits
 
 
-def run_retrieval_eval(corpora_dir: Path | str, questions_csv: Path | str, chunkers: list[str],
-                       chunk_sizes: int | list[int], k: int, out_json: Path | str, settings, progress: bool = True,
-                       boundary_pairs: int = 32, chunker_options: dict | None = None,
-                       retrievals: list[str] | None = None) -> list[dict]:
+def run_retrieval_eval(
+    corpora_dir: Path | str,
+    questions_csv: Path | str,
+    chunkers: list[str],
+    chunk_sizes: int | list[int],
+    k: int,
+    out_json: Path | str,
+    settings,
+    progress: bool = True,
+    boundary_pairs: int = 32,
+    chunker_options: dict | None = None,
+    retrievals: list[str] | None = None,
+) -> list[dict]:
     """Evaluate each chunker at each size with each retrieval (default: the service's); writes
     OUT.json (an object for one row, else a list, plus OUT.md and OUT.png).
 
@@ -135,46 +163,87 @@ def run_retrieval_eval(corpora_dir: Path | str, questions_csv: Path | str, chunk
     questions = load_questions(questions_csv)
     missing = {x.corpus for q in questions for x in q.excerpts} - set(corpora)
     if missing:
-        raise FileNotFoundError(f"questions refer to corpora not in {corpora_dir}: {sorted(missing)}")
+        raise FileNotFoundError(
+            f"questions refer to corpora not in {corpora_dir}: {sorted(missing)}"
+        )
     resources = Resources(settings)
     cache = EmbeddingCache(resources.embedder)
     q_vecs = resources.embedder.embed([q.text for q in questions])
     needs_lm = boundary_pairs > 0 or any(c.startswith("meta-") for c in chunkers)
-    llm_tokens = sum(len(resources.scorer.tokenizer.encode_text(t)) for t in corpora.values()) if needs_lm else None
+    llm_tokens = (
+        sum(len(resources.scorer.tokenizer.encode_text(t)) for t in corpora.values())
+        if needs_lm
+        else None
+    )
     results = []
     for name in chunkers:
         for size in sizes:
             hits_before = _memo_hits(resources, needs_lm)
-            chunking, spans = _chunk(name, size, corpora, resources, settings.chunk_overlap,
-                                     (chunker_options or {}).get(name, {}), progress)
+            chunking, spans = _chunk(
+                name,
+                size,
+                corpora,
+                resources,
+                settings.chunk_overlap,
+                (chunker_options or {}).get(name, {}),
+                progress,
+            )
             reused = _memo_hits(resources, needs_lm) > hits_before  # the signal came from memory
-            chunking["tokens_per_s"] = (round(llm_tokens / chunking["chunking_seconds"], 1)
-                                        if llm_tokens and chunking["chunking_seconds"] > 0 and not reused else None)
+            chunking["tokens_per_s"] = (
+                round(llm_tokens / chunking["chunking_seconds"], 1)
+                if llm_tokens and chunking["chunking_seconds"] > 0 and not reused
+                else None
+            )
             if boundary_pairs > 0:
                 t2 = time.perf_counter()
                 pairs = sample_pairs(spans, boundary_pairs)
                 bc = boundary_clarity(corpora, pairs, resources.scorer)
-                chunking.update(boundary_clarity=None if bc is None else round(bc, 4), boundary_pairs=len(pairs),
-                                boundary_seconds=round(time.perf_counter() - t2, 2))
+                chunking.update(
+                    boundary_clarity=None if bc is None else round(bc, 4),
+                    boundary_pairs=len(pairs),
+                    boundary_seconds=round(time.perf_counter() - t2, 2),
+                )
             chunks = [Located(cid, s, e) for cid, ss in spans.items() for s, e in ss]
             for retrieval in retrievals:
                 t1 = time.perf_counter()
                 scores = evaluate_chunks(chunks, corpora, questions, q_vecs, cache, k, retrieval)
-                row = {"chunker": name, "chunk_size": size, "retrieval": retrieval, "k": k,
-                       "n_questions": len(questions), **chunking, **{m: round(v, 4) for m, v in scores.items()},
-                       "retrieval_seconds": round(time.perf_counter() - t1, 2)}
+                row = {
+                    "chunker": name,
+                    "chunk_size": size,
+                    "retrieval": retrieval,
+                    "k": k,
+                    "n_questions": len(questions),
+                    **chunking,
+                    **{m: round(v, 4) for m, v in scores.items()},
+                    "retrieval_seconds": round(time.perf_counter() - t1, 2),
+                }
                 if progress:  # one line per row, also when the output is a log file
-                    tqdm.write(f"{name} {size} {retrieval}: {row['n_chunks']} chunks in "
-                               f"{row['chunking_seconds']:.0f} s, recall {row['recall']:.3f}, IoU {row['iou']:.3f}")
+                    tqdm.write(
+                        f"{name} {size} {retrieval}: {row['n_chunks']} chunks in "
+                        f"{row['chunking_seconds']:.0f} s, recall {row['recall']:.3f}, IoU {row['iou']:.3f}"
+                    )
                 log.info("%s", row)
                 results.append(row)
-    full_benchmark = set(corpora) == {"chatlogs", "finance", "pubmed", "state_of_the_union", "wikitexts"}
+    full_benchmark = set(corpora) == {
+        "chatlogs",
+        "finance",
+        "pubmed",
+        "state_of_the_union",
+        "wikitexts",
+    }
     write_outputs(results, Path(out_json), chroma_refs=full_benchmark)
     return results
 
 
-def _chunk(name: str, size: int, corpora: dict[str, str], resources, overlap: int, options: dict,
-           progress: bool) -> tuple[dict, dict[str, list]]:
+def _chunk(
+    name: str,
+    size: int,
+    corpora: dict[str, str],
+    resources,
+    overlap: int,
+    options: dict,
+    progress: bool,
+) -> tuple[dict, dict[str, list]]:
     """One chunker at one size over every corpus: its chunk statistics and the spans it cut, by corpus."""
     from ingest.chunkers import make_chunker
 
@@ -189,15 +258,25 @@ def _chunk(name: str, size: int, corpora: dict[str, str], resources, overlap: in
         for s, e in ss:
             assert 0 <= s < e <= len(corpora[cid]), (cid, s, e)
     n_tokens = [resources.embedder.count_tokens(t) for t in texts]
-    return {"n_chunks": len(texts), "mean_chunk_tokens": round(sum(n_tokens) / max(1, len(texts)), 1),
-            "chunking_seconds": round(seconds, 2)}, spans
+    return {
+        "n_chunks": len(texts),
+        "mean_chunk_tokens": round(sum(n_tokens) / max(1, len(texts)), 1),
+        "chunking_seconds": round(seconds, 2),
+    }, spans
 
 
 COLUMNS = [
-    ("chunker", "chunker", text), ("chunk_size", "size", text), ("retrieval", "retrieval", text),
-    ("mean_chunk_tokens", "mean tokens", num(0)), ("n_chunks", "chunks", text), ("recall", "recall %", pct),
-    ("precision", "precision %", pct), ("precision_omega", "precision Ω %", pct), ("iou", "IoU %", pct),
-    ("boundary_clarity", "boundary clarity", num(3)), ("chunking_seconds", "chunking s", num(1)),
+    ("chunker", "chunker", text),
+    ("chunk_size", "size", text),
+    ("retrieval", "retrieval", text),
+    ("mean_chunk_tokens", "mean tokens", num(0)),
+    ("n_chunks", "chunks", text),
+    ("recall", "recall %", pct),
+    ("precision", "precision %", pct),
+    ("precision_omega", "precision Ω %", pct),
+    ("iou", "IoU %", pct),
+    ("boundary_clarity", "boundary clarity", num(3)),
+    ("chunking_seconds", "chunking s", num(1)),
     ("tokens_per_s", "tokens/s", num(0)),
 ]
 
@@ -212,14 +291,28 @@ def write_outputs(results: list[dict], out_json: Path, chroma_refs: bool = True)
         k = results[0]["k"]
         several_sizes = len({r["chunk_size"] for r in results}) > 1
         several_retrievals = len({r["retrieval"] for r in results}) > 1
-        points = [{**r, "series": f"{r['chunker']}, {r['retrieval']}" if several_retrievals else r["chunker"]}
-                  for r in results]
+        points = [
+            {
+                **r,
+                "series": f"{r['chunker']}, {r['retrieval']}"
+                if several_retrievals
+                else r["chunker"],
+            }
+            for r in results
+        ]
         grouped = several_sizes or several_retrievals
-        scatter_plot(points, "iou", "recall", "chunk_size" if grouped else "chunker",
-                     out_json.with_suffix(".png"), series="series" if grouped else None,
-                     title=f"Chroma benchmark, all-MiniLM-L6-v2, k={k}", xlabel="IoU (%)",
-                     ylabel=f"recall@{k} (%)",
-                     refs=[(n, iou, r) for n, r, iou in CHROMA_REFS] if chroma_refs and k == 5 else [])
+        scatter_plot(
+            points,
+            "iou",
+            "recall",
+            "chunk_size" if grouped else "chunker",
+            out_json.with_suffix(".png"),
+            series="series" if grouped else None,
+            title=f"Chroma benchmark, all-MiniLM-L6-v2, k={k}",
+            xlabel="IoU (%)",
+            ylabel=f"recall@{k} (%)",
+            refs=[(n, iou, r) for n, r, iou in CHROMA_REFS] if chroma_refs and k == 5 else [],
+        )
 
 
 def _sizes(value: str) -> list[int]:
@@ -235,8 +328,9 @@ def _sizes(value: str) -> list[int]:
 def _retrievals(value: str) -> list[str]:
     names = [x.strip() for x in value.split(",") if x.strip()]
     if not names or any(n not in RETRIEVALS for n in names):
-        raise argparse.ArgumentTypeError(f"retrieval must be {' or '.join(RETRIEVALS)} (comma-separated), "
-                                         f"got {value!r}")
+        raise argparse.ArgumentTypeError(
+            f"retrieval must be {' or '.join(RETRIEVALS)} (comma-separated), got {value!r}"
+        )
     return names
 
 
@@ -244,17 +338,43 @@ def add_eval_retrieval_args(p: argparse.ArgumentParser) -> argparse.ArgumentPars
     from ingest.chunkers import CHUNKERS
 
     p.add_argument("--corpora", required=True, type=Path, help="folder of corpus files (.md/.txt)")
-    p.add_argument("--questions", required=True, type=Path, help="questions_df.csv (question, references, corpus_id)")
-    p.add_argument("--chunker", default="all",
-                   help=f"one of {', '.join(CHUNKERS)}, a comma-separated list, or all")
-    p.add_argument("--chunk-size", type=_sizes, default=None,
-                   help="target chunk size in embedder wordpieces, or a comma-separated list to sweep")
+    p.add_argument(
+        "--questions",
+        required=True,
+        type=Path,
+        help="questions_df.csv (question, references, corpus_id)",
+    )
+    p.add_argument(
+        "--chunker",
+        default="all",
+        help=f"one of {', '.join(CHUNKERS)}, a comma-separated list, or all",
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=_sizes,
+        default=None,
+        help="target chunk size in embedder wordpieces, or a comma-separated list to sweep",
+    )
     p.add_argument("--k", type=int, default=5, help="chunks retrieved per question")
-    p.add_argument("--retrieval", type=_retrievals, default=None,
-                   help="dense, hybrid (dense fused with BM25), or both comma-separated; default: KVRAG_RETRIEVAL")
-    p.add_argument("--json", dest="out_json", required=True, type=Path, help="output JSON (OUT.md, OUT.png beside it)")
-    p.add_argument("--boundary-pairs", type=int, default=32,
-                   help="adjacent chunk pairs sampled for boundary clarity (0: skip)")
+    p.add_argument(
+        "--retrieval",
+        type=_retrievals,
+        default=None,
+        help="dense, hybrid (dense fused with BM25), or both comma-separated; default: KVRAG_RETRIEVAL",
+    )
+    p.add_argument(
+        "--json",
+        dest="out_json",
+        required=True,
+        type=Path,
+        help="output JSON (OUT.md, OUT.png beside it)",
+    )
+    p.add_argument(
+        "--boundary-pairs",
+        type=int,
+        default=32,
+        help="adjacent chunk pairs sampled for boundary clarity (0: skip)",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -263,12 +383,25 @@ def cmd_eval_retrieval(args: argparse.Namespace, settings=None) -> int:
     from ingest.chunkers import CHUNKERS
 
     settings = settings or Settings()
-    names = list(CHUNKERS) if args.chunker == "all" else [c.strip() for c in args.chunker.split(",") if c.strip()]
+    names = (
+        list(CHUNKERS)
+        if args.chunker == "all"
+        else [c.strip() for c in args.chunker.split(",") if c.strip()]
+    )
     for n in names:
         if n not in CHUNKERS:
             raise SystemExit(f"unknown chunker {n!r}; choose from {', '.join(CHUNKERS)} or all")
-    results = run_retrieval_eval(args.corpora, args.questions, names, args.chunk_size or [settings.chunk_size],
-                                 args.k, args.out_json, settings, progress=not args.no_progress,
-                                 boundary_pairs=args.boundary_pairs, retrievals=args.retrieval)
+    results = run_retrieval_eval(
+        args.corpora,
+        args.questions,
+        names,
+        args.chunk_size or [settings.chunk_size],
+        args.k,
+        args.out_json,
+        settings,
+        progress=not args.no_progress,
+        boundary_pairs=args.boundary_pairs,
+        retrievals=args.retrieval,
+    )
     print(markdown_table(results, COLUMNS))
     return 0

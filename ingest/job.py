@@ -51,9 +51,11 @@ class IngestSummary:
 
     def describe(self) -> str:
         """One human line, plus one per failed file."""
-        lines = [f"{self.chunker}: {self.files} files: {self.added} added, {self.updated} updated, {self.unchanged} unchanged, "
-                 f"{self.deleted} deleted, {len(self.failed)} failed; chunks +{self.chunks_added} "
-                 f"-{self.chunks_removed}; {self.seconds:.1f} s, {self.tokens_per_s:,.0f} tokens/s"]
+        lines = [
+            f"{self.chunker}: {self.files} files: {self.added} added, {self.updated} updated, {self.unchanged} unchanged, "
+            f"{self.deleted} deleted, {len(self.failed)} failed; chunks +{self.chunks_added} "
+            f"-{self.chunks_removed}; {self.seconds:.1f} s, {self.tokens_per_s:,.0f} tokens/s"
+        ]
         lines += [f"  skipped {p}: {r}" for p, r in self.failed]
         return "\n".join(lines)
 
@@ -79,8 +81,16 @@ RemovedHook = Callable[[list[Chunk]], None]
 class Ingestor:
     """Adds, replaces and deletes documents inside one open generation."""
 
-    def __init__(self, docstore: Docstore, index: VectorIndex, resources: Resources, chunker_name: str,
-                 chunk_size: int, overlap: int = 0, on_removed: RemovedHook | None = None):
+    def __init__(
+        self,
+        docstore: Docstore,
+        index: VectorIndex,
+        resources: Resources,
+        chunker_name: str,
+        chunk_size: int,
+        overlap: int = 0,
+        on_removed: RemovedHook | None = None,
+    ):
         self.docstore = docstore
         self.index = index
         self.resources = resources
@@ -115,9 +125,13 @@ class Ingestor:
         embedder = self.resources.embedder
         texts = [text[s:e] for s, e in spans]
         ids = self.docstore.next_ids(len(spans))
-        chunks = [Chunk(cid, doc_id, s, e, t, embedder.count_tokens(t), sha256(t))
-                  for cid, (s, e), t in zip(ids, spans, texts, strict=True)]
-        self.docstore.put_document(Document(doc_id, source, digest, text, self.chunker_tag), time.time())
+        chunks = [
+            Chunk(cid, doc_id, s, e, t, embedder.count_tokens(t), sha256(t))
+            for cid, (s, e), t in zip(ids, spans, texts, strict=True)
+        ]
+        self.docstore.put_document(
+            Document(doc_id, source, digest, text, self.chunker_tag), time.time()
+        )
         self.docstore.add_chunks(chunks)
         self.index.add(ids, embedder.embed(texts))
         self.added_hashes.update(c.content_hash for c in chunks)
@@ -165,8 +179,15 @@ def ingest(
     store = IndexGenerations(settings.index_dir, resources.embedder.dim)
     overlap = settings.chunk_overlap if chunk_overlap is None else chunk_overlap
     with index_lock(settings.index_dir), store.transaction() as (docstore, index):
-        job = Ingestor(docstore, index, resources, chunker or settings.chunker,
-                       chunk_size or settings.chunk_size, overlap, on_removed)
+        job = Ingestor(
+            docstore,
+            index,
+            resources,
+            chunker or settings.chunker,
+            chunk_size or settings.chunk_size,
+            overlap,
+            on_removed,
+        )
         summary.chunker = job.chunker_tag
         seen = set()
         bar = tqdm(files, desc="ingest", unit="file", disable=not progress or None)
@@ -193,8 +214,12 @@ def ingest(
     return summary
 
 
-def delete_documents(doc_ids: list[str], settings: Settings, on_removed: RemovedHook | None = None,
-                     resources: Resources | None = None) -> dict[str, int]:
+def delete_documents(
+    doc_ids: list[str],
+    settings: Settings,
+    on_removed: RemovedHook | None = None,
+    resources: Resources | None = None,
+) -> dict[str, int]:
     """Remove documents by id; returns {doc_id: chunks removed}; unknown ids raise KeyError."""
     resources = resources or Resources(settings)
     store = IndexGenerations(settings.index_dir, resources.embedder.dim)

@@ -31,8 +31,14 @@ class MetaChunkingNodeParser(NodeParser):
         self._chunker = chunker
 
     @classmethod
-    def from_name(cls, name: str = "meta-ppl", chunk_size: int = 200, settings=None, resources=None,
-                  **options: Any) -> MetaChunkingNodeParser:
+    def from_name(
+        cls,
+        name: str = "meta-ppl",
+        chunk_size: int = 200,
+        settings=None,
+        resources=None,
+        **options: Any,
+    ) -> MetaChunkingNodeParser:
         from ingest.chunkers import Resources, make_chunker
         from rag.config import Settings
 
@@ -43,21 +49,31 @@ class MetaChunkingNodeParser(NodeParser):
     def class_name(cls) -> str:
         return "MetaChunkingNodeParser"
 
-    def _parse_nodes(self, nodes: Sequence[BaseNode], show_progress: bool = False, **kwargs: Any) -> list[BaseNode]:
+    def _parse_nodes(
+        self, nodes: Sequence[BaseNode], show_progress: bool = False, **kwargs: Any
+    ) -> list[BaseNode]:
         out: list[BaseNode] = []
         for node in get_tqdm_iterable(nodes, show_progress, "Chunking"):
             text = node.get_content(metadata_mode=MetadataMode.NONE)
             spans = self._chunker.split(text)
-            built = build_nodes_from_splits([text[s:e] for s, e in spans], node, id_func=self.id_func)
+            built = build_nodes_from_splits(
+                [text[s:e] for s, e in spans], node, id_func=self.id_func
+            )
             for n, (s, e) in zip(built, spans, strict=True):
                 n.start_char_idx, n.end_char_idx = s, e
             out.extend(built)
         return out
 
-    def _postprocess_parsed_nodes(self, nodes: list[BaseNode], parent_doc_map: dict[str, Document]) -> list[BaseNode]:
-        spans = [(getattr(n, "start_char_idx", None), getattr(n, "end_char_idx", None)) for n in nodes]
+    def _postprocess_parsed_nodes(
+        self, nodes: list[BaseNode], parent_doc_map: dict[str, Document]
+    ) -> list[BaseNode]:
+        spans = [
+            (getattr(n, "start_char_idx", None), getattr(n, "end_char_idx", None)) for n in nodes
+        ]
         nodes = super()._postprocess_parsed_nodes(nodes, parent_doc_map)
-        for n, (s, e) in zip(nodes, spans, strict=True):  # keep our exact offsets, not a text search
+        for n, (s, e) in zip(
+            nodes, spans, strict=True
+        ):  # keep our exact offsets, not a text search
             if s is not None:
                 n.start_char_idx, n.end_char_idx = s, e
         return nodes

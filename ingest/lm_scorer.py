@@ -71,8 +71,16 @@ def _digest(*parts: object) -> bytes:
 class LMScorer:
     """Loss and answer-probability queries against one causal LM (rag.model.transformer.Transformer)."""
 
-    def __init__(self, model, tokenizer, *, window: int = 512, context: int = 64, batch_tokens: int = 1024,
-                 memo_values: int = 1 << 22):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        window: int = 512,
+        context: int = 64,
+        batch_tokens: int = 1024,
+        memo_values: int = 1 << 22,
+    ):
         self.model = model
         self.tokenizer = tokenizer  # rag.model.tokenizer.ChatTokenizer
         self.window = window
@@ -138,26 +146,35 @@ class LMScorer:
         while b < len(windows):
             # As many windows as fit the token budget; padded to the longest of them.
             rows = [windows[b]]
-            while b + len(rows) < len(windows) and len(windows[b + len(rows)]) * (len(rows) + 1) <= self.batch_tokens:
+            while (
+                b + len(rows) < len(windows)
+                and len(windows[b + len(rows)]) * (len(rows) + 1) <= self.batch_tokens
+            ):
                 rows.append(windows[b + len(rows)])
             b += len(rows)
             width = len(rows[-1])
             batch = torch.zeros((len(rows), width), dtype=torch.long)
             for r, w in enumerate(rows):
-                batch[r, :len(w)] = torch.as_tensor(w)
+                batch[r, : len(w)] = torch.as_tensor(w)
             cache = self.model.new_cache(width, batch=len(rows))
             hidden = self.model(batch.to(self.device), cache, start=0, logits_for=None)
             # The lm_head only for the rows whose losses are kept, not for a window's leading
             # context or its padding: rows first..len(w)-2 of window w (row j predicts token j + 1).
             firsts = [min(keep - s for s, _, keep in todo[w]) - 1 for w in rows]
-            picked = torch.cat([torch.arange(r * width + first, r * width + len(w) - 1)
-                                for r, (first, w) in enumerate(zip(firsts, rows, strict=True))])
-            losses = self.model.token_losses(hidden.flatten(0, 1)[picked.to(hidden.device)],
-                                             batch.flatten()[picked + 1].to(hidden.device)).cpu()
+            picked = torch.cat(
+                [
+                    torch.arange(r * width + first, r * width + len(w) - 1)
+                    for r, (first, w) in enumerate(zip(firsts, rows, strict=True))
+                ]
+            )
+            losses = self.model.token_losses(
+                hidden.flatten(0, 1)[picked.to(hidden.device)],
+                batch.flatten()[picked + 1].to(hidden.device),
+            ).cpu()
             at = 0  # losses[at + j - first] is the loss of token s + j + 1
             for first, w in zip(firsts, rows, strict=True):
                 for s, e, keep in todo[w]:
-                    out[keep:e] = losses[at + keep - s - 1 - first:at + e - s - 1 - first]
+                    out[keep:e] = losses[at + keep - s - 1 - first : at + e - s - 1 - first]
                 at += len(w) - 1 - first
         return out
 
@@ -166,15 +183,22 @@ class LMScorer:
         """A KV buffer of `batch` rows, each holding the prefix's K/V, room for `extra` more tokens."""
         p = len(prefix_ids)
         one = self.model.new_cache(p, batch=1)
-        self.model(torch.as_tensor([list(prefix_ids)], device=self.device), one, start=0, logits_for=None)
+        self.model(
+            torch.as_tensor([list(prefix_ids)], device=self.device), one, start=0, logits_for=None
+        )
         cache = self.model.new_cache(p + extra, batch=batch)
         cache.k[:, :, :, :p] = one.k[:, :1, :, :p]
         cache.v[:, :, :, :p] = one.v[:, :1, :, :p]
         cache.length = p
         return cache
 
-    def next_token_probs(self, prefix_ids: Sequence[int], suffixes: Sequence[Sequence[int]],
-                         answer_ids: Sequence[int], batch: int = 16) -> torch.Tensor:
+    def next_token_probs(
+        self,
+        prefix_ids: Sequence[int],
+        suffixes: Sequence[Sequence[int]],
+        answer_ids: Sequence[int],
+        batch: int = 16,
+    ) -> torch.Tensor:
         """P(answer | prefix + suffix) for each suffix and answer token: float32 [n, len(answer_ids)].
 
         The prefix is prefilled once; each batch of suffixes (right-padded, which a
@@ -185,8 +209,13 @@ class LMScorer:
             return found
         return self._remember(key, self._next_token_probs(prefix_ids, suffixes, answer_ids, batch))
 
-    def _next_token_probs(self, prefix_ids: Sequence[int], suffixes: Sequence[Sequence[int]],
-                          answer_ids: Sequence[int], batch: int) -> torch.Tensor:
+    def _next_token_probs(
+        self,
+        prefix_ids: Sequence[int],
+        suffixes: Sequence[Sequence[int]],
+        answer_ids: Sequence[int],
+        batch: int,
+    ) -> torch.Tensor:
         out = torch.zeros((len(suffixes), len(answer_ids)))
         if not suffixes:
             return out
@@ -197,17 +226,19 @@ class LMScorer:
         answers = torch.as_tensor(list(answer_ids))
         pad = int(answer_ids[0])
         for b in range(0, len(order), batch):
-            rows = order[b:b + batch]
+            rows = order[b : b + batch]
             if len(rows) != cache.k.shape[1]:
                 cache = self.prefix_cache(prefix_ids, len(rows), longest)
             width = max(len(suffixes[i]) for i in rows)
             ids = torch.full((len(rows), width), pad, dtype=torch.long)
             for r, i in enumerate(rows):
-                ids[r, :len(suffixes[i])] = torch.as_tensor(list(suffixes[i]))
+                ids[r, : len(suffixes[i])] = torch.as_tensor(list(suffixes[i]))
             last = torch.as_tensor([len(suffixes[i]) - 1 for i in rows])
             needed = torch.unique(last)  # logits only where some row ends
             cache.length = p
-            logits = self.model(ids.to(self.device), cache, start=p, logits_for=needed.to(self.device))
+            logits = self.model(
+                ids.to(self.device), cache, start=p, logits_for=needed.to(self.device)
+            )
             col = torch.searchsorted(needed, last)
             picked = logits.cpu()[torch.arange(len(rows)), col]  # [rows, V]
             probs = torch.softmax(picked.float(), dim=-1)[:, answers]
@@ -221,4 +252,4 @@ class LMScorer:
         cache = self.model.new_cache(full.shape[1])
         c = len(context_ids)
         hidden = self.model(full, cache, start=0, logits_for=None)
-        return float(self.model.token_losses(hidden[0, c - 1:-1], full[0, c:]).mean())
+        return float(self.model.token_losses(hidden[0, c - 1 : -1], full[0, c:]).mean())

@@ -72,7 +72,9 @@ def pdf_to_text(path: Path) -> str:
 def load_text(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
-        raise LoadError(f"unsupported file type {suffix or '(none)'}; supported: {', '.join(sorted(SUFFIXES))}")
+        raise LoadError(
+            f"unsupported file type {suffix or '(none)'}; supported: {', '.join(sorted(SUFFIXES))}"
+        )
     if suffix in PDF_SUFFIXES:
         text = pdf_to_text(path)
         if not text.strip():

@@ -57,7 +57,11 @@ class RuleSentenceSplitter:
         start = 0
         for m in _END.finditer(text):
             end = m.end()
-            if m.group() != "\n" and m.group()[0] == "." and not self._ends_sentence(text, start, m.start()):
+            if (
+                m.group() != "\n"
+                and m.group()[0] == "."
+                and not self._ends_sentence(text, start, m.start())
+            ):
                 continue
             s, e = strip_span(text, start, end)
             if e > s:
@@ -79,14 +83,14 @@ class RuleSentenceSplitter:
         if bare in ABBREVIATIONS:
             return False
         if bare in NUMBER_ABBREVIATIONS:
-            nxt = text[dot + 1:dot + 4].lstrip()
+            nxt = text[dot + 1 : dot + 4].lstrip()
             return not (nxt[:1].isdigit())
         if len(bare) == 1 and text[m.start()].isupper():
             return False  # an initial: "J. Smith", "P. falciparum"
         if _DOTTED_NUMBER.fullmatch(bare):
             return False  # a section number such as "5.3."
         # "14. debt ..." or "iv. results": a list marker at the very start of a sentence.
-        leading = text[sent_start:m.start()].strip()
+        leading = text[sent_start : m.start()].strip()
         return not (not leading and _NUMBER_OR_ROMAN.fullmatch(bare))
 
 

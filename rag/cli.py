@@ -43,9 +43,16 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from ingest.job import ingest
 
     s = _settings(args)
-    summary = ingest(args.paths, s, chunker=args.chunker, chunk_size=args.chunk_size,
-                     chunk_overlap=args.chunk_overlap, delete_missing=args.delete_missing,
-                     on_removed=_kv_evictor(s), progress=not (args.json or args.no_progress))
+    summary = ingest(
+        args.paths,
+        s,
+        chunker=args.chunker,
+        chunk_size=args.chunk_size,
+        chunk_overlap=args.chunk_overlap,
+        delete_missing=args.delete_missing,
+        on_removed=_kv_evictor(s),
+        progress=not (args.json or args.no_progress),
+    )
     if args.json:
         _print_json(summary.as_dict())
     else:
@@ -79,10 +86,12 @@ def cmd_ask(args: argparse.Namespace) -> int:
         print("the index is empty: run `kvrag ingest PATH` first", file=sys.stderr)
         return 1
     stream = None if args.json else (lambda t: print(t, end="", flush=True))
-    params = GenerationParams(max_new_tokens=args.max_tokens or settings.max_new_tokens,
-                              temperature=args.temperature)
-    ans = rag.answer(args.question, k=args.k, mode=args.mode, ratio=args.ratio, params=params,
-                     on_text=stream)
+    params = GenerationParams(
+        max_new_tokens=args.max_tokens or settings.max_new_tokens, temperature=args.temperature
+    )
+    ans = rag.answer(
+        args.question, k=args.k, mode=args.mode, ratio=args.ratio, params=params, on_text=stream
+    )
     if args.json:
         _print_json(ans.as_dict())
         return 0
@@ -92,9 +101,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
         excerpt = " ".join(c.text.split())[:160]
         print(f"  [{i}] {c.doc_id} chars {c.start}-{c.end} (score {h.score:.3f}): {excerpt}...")
     t = ans.request.timings_ms
-    print(f"\nmode {ans.request.mode}; retrieve {t['retrieve']:.0f} ms, "
-          f"kv load {t['kv_load']:.0f} ms, prefill {t['prefill']:.0f} ms, ttft {t['ttft']:.0f} ms, "
-          f"total {t['total']:.0f} ms")
+    print(
+        f"\nmode {ans.request.mode}; retrieve {t['retrieve']:.0f} ms, "
+        f"kv load {t['kv_load']:.0f} ms, prefill {t['prefill']:.0f} ms, ttft {t['ttft']:.0f} ms, "
+        f"total {t['total']:.0f} ms"
+    )
     return 0
 
 
@@ -108,14 +119,20 @@ def cmd_stats(args: argparse.Namespace) -> int:
     store = IndexGenerations(s.index_dir, Embedder(s.embedder).dim)
     docstore, index, _ = store.open()
     gen = store.current_dir()
-    out = {**docstore.counts(), "index_vectors": len(index), "generation": gen.name if gen else None,
-           "data_dir": str(s.data_dir)}
+    out = {
+        **docstore.counts(),
+        "index_vectors": len(index),
+        "generation": gen.name if gen else None,
+        "data_dir": str(s.data_dir),
+    }
     if isinstance(docstore, Docstore):
         out["documents_list"] = [d["doc_id"] for d in docstore.list_documents()]
     kv_dir = s.kv_dir
     kv_files = list(kv_dir.rglob("*")) if kv_dir.exists() else []
-    out["kv_disk"] = {"entries": sum(1 for f in kv_files if f.is_file()),
-                      "bytes": sum(f.stat().st_size for f in kv_files if f.is_file())}
+    out["kv_disk"] = {
+        "entries": sum(1 for f in kv_files if f.is_file()),
+        "bytes": sum(f.stat().st_size for f in kv_files if f.is_file()),
+    }
     # Store traffic of every process on this data dir (ask, serve, cache warm), per tier.
     out["kv_cache"] = summarize(load_totals(s.cache_stats_path))
     if args.json:
@@ -124,12 +141,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
     kv = out.pop("kv_cache")
     for key, val in out.items():
         print(f"{key}: {val}")
-    print(f"kv_cache loads: {kv['load_ms']['count']} requests, {kv['load_ms']['keys']} chunks, "
-          f"mean {kv['load_ms']['mean_ms']:.1f} ms, max {kv['load_ms']['max_ms']:.1f} ms")
+    print(
+        f"kv_cache loads: {kv['load_ms']['count']} requests, {kv['load_ms']['keys']} chunks, "
+        f"mean {kv['load_ms']['mean_ms']:.1f} ms, max {kv['load_ms']['max_ms']:.1f} ms"
+    )
     for tier, c in kv["tiers"].items():
-        print(f"kv_cache {tier}: hits {c['hits']}, misses {c['misses']}, read {c['bytes_read'] / 2**20:.1f} MiB, "
-              f"written {c['bytes_written'] / 2**20:.1f} MiB, evictions {c['evictions']}, corrupt {c['corrupt']}, "
-              f"errors {c['errors']}")
+        print(
+            f"kv_cache {tier}: hits {c['hits']}, misses {c['misses']}, read {c['bytes_read'] / 2**20:.1f} MiB, "
+            f"written {c['bytes_written'] / 2**20:.1f} MiB, evictions {c['evictions']}, corrupt {c['corrupt']}, "
+            f"errors {c['errors']}"
+        )
     return 0
 
 
@@ -151,16 +172,24 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvrag", description=__doc__)
-    p.add_argument("--data-dir", type=Path, default=None, help="default ./kvrag_data or $KVRAG_DATA_DIR")
+    p.add_argument(
+        "--data-dir", type=Path, default=None, help="default ./kvrag_data or $KVRAG_DATA_DIR"
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("ingest", help="add or update documents (files or folders)")
     s.add_argument("paths", nargs="+", type=Path, help="files or folders (.txt .md .html .pdf)")
     s.add_argument("--chunker", choices=CHUNKERS, default=None, help="default: KVRAG_CHUNKER")
-    s.add_argument("--chunk-size", type=int, default=None, help="target chunk size in embedder wordpieces")
-    s.add_argument("--chunk-overlap", type=int, default=None, help="overlap (token and recursive chunkers)")
-    s.add_argument("--delete-missing", action="store_true", help="remove documents under PATHs that are gone")
+    s.add_argument(
+        "--chunk-size", type=int, default=None, help="target chunk size in embedder wordpieces"
+    )
+    s.add_argument(
+        "--chunk-overlap", type=int, default=None, help="overlap (token and recursive chunkers)"
+    )
+    s.add_argument(
+        "--delete-missing", action="store_true", help="remove documents under PATHs that are gone"
+    )
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
     s.set_defaults(func=cmd_ingest)
@@ -174,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--k", type=int, default=None)
     s.add_argument("--mode", choices=["full", "reuse", "blend"], default=None)
     s.add_argument("--ratio", type=float, default=None, help="blend recompute ratio (default 0.15)")
-    s.add_argument("--gradual", type=int, default=None, help="check layers for gradual filtering (default 1)")
+    s.add_argument(
+        "--gradual", type=int, default=None, help="check layers for gradual filtering (default 1)"
+    )
     s.add_argument("--max-tokens", type=int, default=None)
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--json", action="store_true")
@@ -192,19 +223,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--warm", action="store_true", help="precompute all chunk caches before serving")
-    s.add_argument("--log-level", default="info",
-                   choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
     s.set_defaults(func=cmd_serve)
 
     # Benchmarks and evaluations parse their own arguments: their modules (and what they import)
     # load only when one of them runs.
     for kind, table in (("bench", BENCHES), ("eval", EVALS)):
         names = ", ".join(table)
-        s = sub.add_parser(kind, help=f"{kind}: {names}", description="\n".join(
-            f"{name}: {help_text}" for name, (_, help_text) in table.items()),
-            formatter_class=argparse.RawDescriptionHelpFormatter)
+        s = sub.add_parser(
+            kind,
+            help=f"{kind}: {names}",
+            description="\n".join(f"{name}: {help_text}" for name, (_, help_text) in table.items()),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         s.add_argument("name", choices=list(table), metavar="NAME", help=names)
-        s.add_argument("args", nargs=argparse.REMAINDER, help=f"the {kind}'s own arguments (NAME --help)")
+        s.add_argument(
+            "args", nargs=argparse.REMAINDER, help=f"the {kind}'s own arguments (NAME --help)"
+        )
         s.set_defaults(func=cmd_lab, kind=kind)
     return p
 
@@ -219,14 +256,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # name -> (module in eval/, help); each module has add_<kind>_<name>_args(parser) and
 # cmd_<kind>_<name>(args, settings).
 BENCHES = {
-    "cache": ("eval.bench_cache", "tier load speed and TTFT by tier (memory, Redis, disk, miss, full)"),
+    "cache": (
+        "eval.bench_cache",
+        "tier load speed and TTFT by tier (memory, Redis, disk, miss, full)",
+    ),
     "load": ("eval.bench_load", "requests/s and TTFT of full vs blend under concurrent load"),
-    "ttft": ("eval.bench_ttft", "TTFT, speedup and fidelity (KL, top-1) of full / reuse / blend ratios"),
-    "decode": ("eval.bench_decode", "decode tokens/s: transformers generate() vs lean loop vs Lookahead"),
+    "ttft": (
+        "eval.bench_ttft",
+        "TTFT, speedup and fidelity (KL, top-1) of full / reuse / blend ratios",
+    ),
+    "decode": (
+        "eval.bench_decode",
+        "decode tokens/s: transformers generate() vs lean loop vs Lookahead",
+    ),
     "replicas": ("eval.bench_replicas", "API replicas sharing a Redis Cluster KV tier"),
 }
 EVALS = {
-    "retrieval": ("eval.retrieval", "chunkers on Chroma's token-level retrieval benchmark (IoU family)"),
+    "retrieval": (
+        "eval.retrieval",
+        "chunkers on Chroma's token-level retrieval benchmark (IoU family)",
+    ),
 }
 
 
@@ -245,8 +294,10 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     return args.func(args)
 
 

@@ -37,8 +37,13 @@ class Hit:
 
     def citation(self, with_text: bool = False) -> dict:
         c = self.chunk
-        cite = {"doc_id": c.doc_id, "start": c.start, "end": c.end, "score": round(self.score, 4),
-                "chunk_id": c.chunk_id}
+        cite = {
+            "doc_id": c.doc_id,
+            "start": c.start,
+            "end": c.end,
+            "score": round(self.score, 4),
+            "chunk_id": c.chunk_id,
+        }
         return {**cite, "text": c.text} if with_text else cite
 
 
@@ -53,10 +58,15 @@ class Answer:
 
     def as_dict(self) -> dict:
         r = self.request
-        return {"answer": r.text, "citations": [h.citation() for h in self.hits], "mode": r.mode,
-                "finish_reason": r.finish_reason,
-                "timings_ms": {k: round(v, 1) for k, v in r.timings_ms.items()},
-                "usage": r.usage(), "cache": r.cache_report()}
+        return {
+            "answer": r.text,
+            "citations": [h.citation() for h in self.hits],
+            "mode": r.mode,
+            "finish_reason": r.finish_reason,
+            "timings_ms": {k: round(v, 1) for k, v in r.timings_ms.items()},
+            "usage": r.usage(),
+            "cache": r.cache_report(),
+        }
 
 
 class RAGService:
@@ -72,14 +82,21 @@ class RAGService:
         self.index: VectorIndex
         self.retriever: Retriever
         self.reload_index()
-        lm = load_model(settings.model, settings.models_dir, settings.torch_dtype,
-                        settings.torch_device)
+        lm = load_model(
+            settings.model, settings.models_dir, settings.torch_dtype, settings.torch_device
+        )
         self.engine = Engine(lm, settings.system_prompt, settings.max_context_tokens)
         self.engine.store = build_store(
-            settings.cache_memory_mb, settings.kv_dir, settings.cache_disk_mb,
-            settings.redis_url or None, settings.cache_redis_ttl_s, device=settings.torch_device,
+            settings.cache_memory_mb,
+            settings.kv_dir,
+            settings.cache_disk_mb,
+            settings.redis_url or None,
+            settings.cache_redis_ttl_s,
+            device=settings.torch_device,
             max_new_per_request=settings.cache_max_new_per_request,
-            fingerprint=self.engine.fingerprint, stats_path=settings.cache_stats_path)
+            fingerprint=self.engine.fingerprint,
+            stats_path=settings.cache_stats_path,
+        )
 
     @property
     def model_name(self) -> str:
@@ -148,21 +165,31 @@ class RAGService:
         return self.store.tier_names
 
     def redis_state(self) -> str:
-        """"disabled" (no Redis tier), "up" or "down"."""
+        """ "disabled" (no Redis tier), "up" or "down"."""
         redis = self.store.redis
         if redis is None:
             return "disabled"
         return "up" if redis.is_up() else "down"
 
     # -- answer -----------------------------------------------------------------
-    def answer(self, question: str, *, k: int | None = None, mode: str | None = None,
-               ratio: float | None = None, params: GenerationParams | None = None,
-               on_text: Callable[[str], bool | None] | None = None) -> Answer:
+    def answer(
+        self,
+        question: str,
+        *,
+        k: int | None = None,
+        mode: str | None = None,
+        ratio: float | None = None,
+        params: GenerationParams | None = None,
+        on_text: Callable[[str], bool | None] | None = None,
+    ) -> Answer:
         s = self.settings
-        request = Request(mode=mode or s.mode, ratio=s.blend_ratio if ratio is None else ratio,
-                          gradual=s.blend_gradual,
-                          params=params or GenerationParams(max_new_tokens=s.max_new_tokens),
-                          on_text=on_text)
+        request = Request(
+            mode=mode or s.mode,
+            ratio=s.blend_ratio if ratio is None else ratio,
+            gradual=s.blend_gradual,
+            params=params or GenerationParams(max_new_tokens=s.max_new_tokens),
+            on_text=on_text,
+        )
         hits = self.retrieve(question, s.top_k if k is None else k)
         request.mark("retrieve", request.started)
         prompt = self.engine.prompt([h.chunk.text for h in hits], question)

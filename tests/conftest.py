@@ -42,8 +42,12 @@ def paragraphs() -> list[str]:
 def settings(tmp_path, models_dir):
     from rag.config import Settings
 
-    return Settings(data_dir=tmp_path / "data", model_cache_dir=models_dir, cache_disk_mb=256,
-                    cache_memory_mb=256)
+    return Settings(
+        data_dir=tmp_path / "data",
+        model_cache_dir=models_dir,
+        cache_disk_mb=256,
+        cache_memory_mb=256,
+    )
 
 
 @pytest.fixture(scope="session")

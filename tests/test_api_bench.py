@@ -31,10 +31,23 @@ def test_load_bench_against_a_url(tmp_path, capsys):
 
         out = tmp_path / "bench.json"
         args = add_bench_load_args(argparse.ArgumentParser()).parse_args(
-            ["--url", server.url, "--api-key", "k1", "--concurrency", "1", "--requests", "2", "--json", str(out)])
+            [
+                "--url",
+                server.url,
+                "--api-key",
+                "k1",
+                "--concurrency",
+                "1",
+                "--requests",
+                "2",
+                "--json",
+                str(out),
+            ]
+        )
         assert cmd_bench_load(args) == 0
         assert set(json.loads(out.read_text())) >= {"concurrency", "requests", "modes", "ratio"}
         bad = add_bench_load_args(argparse.ArgumentParser()).parse_args(
-            ["--url", server.url, "--api-key", "wrong", "--requests", "1", "--no-warmup"])
+            ["--url", server.url, "--api-key", "wrong", "--requests", "1", "--no-warmup"]
+        )
         assert cmd_bench_load(bad) == 1  # 401s are counted as errors, not crashes
     capsys.readouterr()

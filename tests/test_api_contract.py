@@ -66,8 +66,15 @@ class FakeRAG:
         chunk = Chunk(7, "docs/a.md", 10, 30, "Greywater Point is 34 m", 6, "h")
         return [Hit(chunk, 0.9)][:k]
 
-    def answer(self, question: str, *, params: GenerationParams | None = None, on_text=None,
-               mode=None, **kw) -> Answer:
+    def answer(
+        self,
+        question: str,
+        *,
+        params: GenerationParams | None = None,
+        on_text=None,
+        mode=None,
+        **kw,
+    ) -> Answer:
         self.active += 1
         self.max_active = max(self.max_active, self.active)
         self.calls.append(question)
@@ -83,7 +90,8 @@ class FakeRAG:
                     finish = "cancelled"
                     break
             request.timings_ms = dict.fromkeys(
-                ("retrieve", "kv_load", "prefill", "ttft", "decode", "total"), 1.0)
+                ("retrieve", "kv_load", "prefill", "ttft", "decode", "total"), 1.0
+            )
             request.text, request.finish_reason = "".join(words).strip(), finish
             request.output_ids = list(range(len(words)))
             request.prompt_tokens, request.chunk_hits = 10, 1
@@ -105,7 +113,12 @@ def open_app(tmp_path):
 
 
 def _chat(**extra) -> dict:
-    return {"model": "x", "messages": [{"role": "user", "content": "How tall?"}], "max_tokens": 3, **extra}
+    return {
+        "model": "x",
+        "messages": [{"role": "user", "content": "How tall?"}],
+        "max_tokens": 3,
+        **extra,
+    }
 
 
 def test_chat_json_and_sse(open_app):
@@ -116,7 +129,13 @@ def test_chat_json_and_sse(open_app):
     assert body["choices"][0]["message"]["content"] == "w0 w1 w2"
     assert body["usage"]["completion_tokens"] == 3
     info = body["kvrag"]
-    assert info["citations"][0] == {"doc_id": "docs/a.md", "start": 10, "end": 30, "score": 0.9, "chunk_id": 7}
+    assert info["citations"][0] == {
+        "doc_id": "docs/a.md",
+        "start": 10,
+        "end": 30,
+        "score": 0.9,
+        "chunk_id": 7,
+    }
     assert set(info["timings_ms"]) >= {"retrieve", "kv_load", "blend", "ttft", "total", "queue"}
     assert info["cache"]["recomputed_tokens"] == 1
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=_chat(stream=True)) as r:
@@ -125,26 +144,34 @@ def test_chat_json_and_sse(open_app):
     assert lines[-1] == "[DONE]"
     chunks = [json.loads(x) for x in lines[:-1]]
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "w0 w1 w2"
-    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["kvrag"]["citations"]
+    assert (
+        chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["kvrag"]["citations"]
+    )
     assert chunks[-1]["usage"]["total_tokens"] == 13
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"messages": "hi"}, "messages"),
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "user", "content": "x" * 40_000}]}, "messages.0.content"),
-    ({"messages": [{"role": "user", "content": "q"}] * 65}, "messages"),
-    ({"messages": [{"role": "robot", "content": "q"}]}, "messages.0.role"),
-    ({"messages": [{"role": "user", "content": "q"}], "max_tokens": -1}, "max_tokens"),
-    ({"messages": [{"role": "user", "content": "q"}], "max_tokens": 10**6}, "max_tokens"),
-    ({"messages": [{"role": "user", "content": "q"}], "max_tokens": "many"}, "max_tokens"),
-    ({"messages": [{"role": "user", "content": "q"}], "temperature": 9}, "temperature"),
-    ({"messages": [{"role": "user", "content": "q"}], "kvrag": {"k": 0}}, "kvrag.k"),
-    ({"messages": [{"role": "user", "content": "q"}], "kvrag": {"k": 1000}}, "kvrag.k"),
-    ({"messages": [{"role": "user", "content": "q"}], "kvrag": {"mode": "magic"}}, "kvrag.mode"),
-    ({"messages": [{"role": "user", "content": "q"}], "stop": ["a"] * 5}, "stop"),
-    ({"messages": [{"role": "assistant", "content": "no question"}]}, "messages"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"messages": "hi"}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "user", "content": "x" * 40_000}]}, "messages.0.content"),
+        ({"messages": [{"role": "user", "content": "q"}] * 65}, "messages"),
+        ({"messages": [{"role": "robot", "content": "q"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": "q"}], "max_tokens": -1}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "q"}], "max_tokens": 10**6}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "q"}], "max_tokens": "many"}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "q"}], "temperature": 9}, "temperature"),
+        ({"messages": [{"role": "user", "content": "q"}], "kvrag": {"k": 0}}, "kvrag.k"),
+        ({"messages": [{"role": "user", "content": "q"}], "kvrag": {"k": 1000}}, "kvrag.k"),
+        (
+            {"messages": [{"role": "user", "content": "q"}], "kvrag": {"mode": "magic"}},
+            "kvrag.mode",
+        ),
+        ({"messages": [{"role": "user", "content": "q"}], "stop": ["a"] * 5}, "stop"),
+        ({"messages": [{"role": "assistant", "content": "no question"}]}, "messages"),
+    ],
+)
 def test_bad_chat_bodies_are_openai_style_400s(open_app, body, param):
     url, rag = open_app
     r = httpx.post(f"{url}/v1/chat/completions", json=body)
@@ -157,17 +184,26 @@ def test_bad_chat_bodies_are_openai_style_400s(open_app, body, param):
 
 def test_malformed_oversized_and_unknown(open_app):
     url, _ = open_app
-    r = httpx.post(f"{url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
-    r = httpx.post(f"{url}/v1/chat/completions", content=b"x" * (2 << 20),
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        content=b"x" * (2 << 20),
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
 
     def chunked():  # no Content-Length: the limit applies while reading
         for _ in range(40):
             yield b"x" * 65536
 
-    r = httpx.post(f"{url}/v1/retrieve", content=chunked(), headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{url}/v1/retrieve", content=chunked(), headers={"content-type": "application/json"}
+    )
     assert r.status_code == 413
     r = httpx.get(f"{url}/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
@@ -193,7 +229,9 @@ def test_auth(tmp_path):
         assert httpx.get(f"{server.url}/metrics").status_code == 200
 
 
-@pytest.mark.parametrize("raw", ["../../etc/passwd.md", "..\\..\\x.txt", "/abs/olute.md", "a b$c.md", ".hidden.md"])
+@pytest.mark.parametrize(
+    "raw", ["../../etc/passwd.md", "..\\..\\x.txt", "/abs/olute.md", "a b$c.md", ".hidden.md"]
+)
 def test_upload_names_cannot_escape(raw):
     name = safe_filename(raw)
     assert "/" not in name and "\\" not in name and not name.startswith(".")
@@ -209,8 +247,10 @@ def test_upload_names_rejected(raw):
 def test_requests_served_one_at_a_time_in_order_health_stays_up(tmp_path):
     rag = FakeRAG(_settings(tmp_path), delay_s=0.05)
     with ThreadServer(create_app(rag.settings, rag)) as server:
+
         async def run() -> list[float]:
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+
                 async def ask(i: int) -> None:
                     await asyncio.sleep(0.05 * i)  # arrival order
                     body = {"messages": [{"role": "user", "content": f"q{i}"}], "max_tokens": 6}
@@ -253,6 +293,7 @@ def test_disconnected_stream_frees_the_worker(tmp_path):
 def test_disconnected_plain_request_frees_the_worker_and_queued_ones_are_dropped(tmp_path):
     rag = FakeRAG(_settings(tmp_path), delay_s=0.05)
     with ThreadServer(create_app(rag.settings, rag)) as server:
+
         def gone(question: str, max_tokens: int, after_s: float) -> None:
             body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens}
             with pytest.raises(httpx.ReadTimeout):
@@ -290,13 +331,16 @@ def test_metrics(open_app):
     url, _ = open_app
     httpx.post(f"{url}/v1/chat/completions", json=_chat())
     text = httpx.get(f"{url}/metrics").text
-    assert 'kvrag_requests_total{method="POST",route="/v1/chat/completions",status="200"} 1.0' in text
+    assert (
+        'kvrag_requests_total{method="POST",route="/v1/chat/completions",status="200"} 1.0' in text
+    )
     assert "kvrag_ttft_seconds_bucket" in text
     assert "kvrag_recomputed_token_ratio 0.1666" in text
 
 
 # -- schemathesis: generated bodies (valid and not) never get a 5xx ----------------------
 # (The Python API with hypothesis' @given: schemathesis' pytest plugin does not load under pytest 9.)
+
 
 @pytest.mark.parametrize("mode", [GenerationMode.NEGATIVE, GenerationMode.POSITIVE])
 def test_schema_fuzz_never_500(tmp_path, mode):
@@ -305,14 +349,19 @@ def test_schema_fuzz_never_500(tmp_path, mode):
     seen: set[int] = set()
 
     def ask(case):  # random messages rarely end in a user turn: add one so generation runs too
-        if case.path == "/v1/chat/completions" and isinstance(case.body, dict) and \
-                isinstance(case.body.get("messages"), list) and len(case.body["messages"]) < 64:
+        if (
+            case.path == "/v1/chat/completions"
+            and isinstance(case.body, dict)
+            and isinstance(case.body.get("messages"), list)
+            and len(case.body["messages"]) < 64
+        ):
             case.body["messages"].append({"role": "user", "content": "How tall is it?"})
         return case
 
     @given(case=schema.as_strategy(mode).map(ask))
-    @hyp_settings(max_examples=60, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
+    @hyp_settings(
+        max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
     def fuzz(case) -> None:
         response = case.call(timeout=120)  # the first upload loads the embedder: slow on a busy CPU
         seen.add(response.status_code)

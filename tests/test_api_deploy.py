@@ -41,6 +41,10 @@ def test_docker_compose_config():
     cli = _compose_cli()
     if cli is None:
         pytest.skip("neither `docker compose` nor docker-compose is installed")
-    out = subprocess.run([*cli, "-f", str(REPO / "docker-compose.yml"), "config", "-q"],
-                         capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run(
+        [*cli, "-f", str(REPO / "docker-compose.yml"), "config", "-q"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr

@@ -40,8 +40,14 @@ def live(tmp_path_factory, models_dir):
     root = tmp_path_factory.mktemp("api_live")
     shutil.copytree(SAMPLES, root / "docs")
     redis_url = "redis://127.0.0.1:6379/0" if _redis_up() else ""
-    settings = Settings(data_dir=root / "data", model_cache_dir=models_dir, cache_disk_mb=256,
-                        cache_memory_mb=256, redis_url=redis_url, cache_redis_ttl_s=600)
+    settings = Settings(
+        data_dir=root / "data",
+        model_cache_dir=models_dir,
+        cache_disk_mb=256,
+        cache_memory_mb=256,
+        redis_url=redis_url,
+        cache_redis_ttl_s=600,
+    )
     cwd = os.getcwd()
     os.chdir(root)  # doc ids relative to it: docs/<file>.md
     try:
@@ -61,10 +67,15 @@ def client(live):
 
 def test_openai_client_completion(client):
     r = client.chat.completions.create(
-        model="SmolLM2-135M-Instruct", max_tokens=8, temperature=0,
-        messages=[{"role": "system", "content": "ignored"},
-                  {"role": "user", "content": "How tall is the Greywater Point lighthouse?"}],
-        extra_body={"kvrag": FAST})
+        model="SmolLM2-135M-Instruct",
+        max_tokens=8,
+        temperature=0,
+        messages=[
+            {"role": "system", "content": "ignored"},
+            {"role": "user", "content": "How tall is the Greywater Point lighthouse?"},
+        ],
+        extra_body={"kvrag": FAST},
+    )
     assert r.choices[0].message.content and r.choices[0].finish_reason in ("stop", "length")
     assert 0 < r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 100
     info = r.model_extra["kvrag"]
@@ -77,9 +88,17 @@ def test_openai_client_completion(client):
 
 def test_openai_client_stream(client):
     stream = client.chat.completions.create(
-        model="any", max_tokens=8, stream=True, messages=[
-            {"role": "user", "content": "What is the highest wind gust ever recorded in the islands?"}],
-        extra_body={"kvrag": FAST})
+        model="any",
+        max_tokens=8,
+        stream=True,
+        messages=[
+            {
+                "role": "user",
+                "content": "What is the highest wind gust ever recorded in the islands?",
+            }
+        ],
+        extra_body={"kvrag": FAST},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip()
@@ -93,14 +112,19 @@ def test_openai_client_stream(client):
 
 def test_bad_bodies_get_4xx(client, live):
     server, *_ = live
-    for kwargs in ({"max_tokens": -1}, {"temperature": "hot"},
-                   {"messages": [{"role": "user", "content": "x" * 50_000}]},
-                   {"extra_body": {"kvrag": {"k": 500}}}):
+    for kwargs in (
+        {"max_tokens": -1},
+        {"temperature": "hot"},
+        {"messages": [{"role": "user", "content": "x" * 50_000}]},
+        {"extra_body": {"kvrag": {"k": 500}}},
+    ):
         body = {"model": "m", "messages": [{"role": "user", "content": "q"}], **kwargs}
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(**body)
         assert e.value.body["type"] == "invalid_request_error"
-    r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": 5}]})
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": 5}]}
+    )
     assert r.status_code == 400 and "Traceback" not in r.text
 
 
@@ -113,8 +137,11 @@ def test_auth_on(live):
             bad.models.list()
         good = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
         assert [m.id for m in good.models.list()] == [rag.model_name]
-        r = httpx.post(f"{server.url}/v1/retrieve", json={"query": "ferry", "k": 1},
-                       headers={"Authorization": f"Bearer {KEY}"})
+        r = httpx.post(
+            f"{server.url}/v1/retrieve",
+            json={"query": "ferry", "k": 1},
+            headers={"Authorization": f"Bearer {KEY}"},
+        )
         assert r.status_code == 200 and r.json()["data"]
         assert httpx.post(f"{server.url}/v1/retrieve", json={"query": "ferry"}).status_code == 401
 
@@ -128,31 +155,50 @@ def test_uploaded_document_is_retrievable_at_once(live):
     doc = r.json()
     assert doc["id"] == "uploads/new_ferry.md" and doc["chunks"] == 1
     assert (settings.data_dir / "uploads" / "new_ferry.md").is_file()
-    hits = httpx.post(f"{server.url}/v1/retrieve", json={"query": "Storm Petrel catamaran", "k": 1}).json()
-    assert hits["data"][0]["doc_id"] == "uploads/new_ferry.md" and "Storm Petrel" in hits["data"][0]["text"]
-    r = httpx.post(f"{server.url}/v1/documents", json={"text": "Short note about puffins.", "name": "note.txt"})
+    hits = httpx.post(
+        f"{server.url}/v1/retrieve", json={"query": "Storm Petrel catamaran", "k": 1}
+    ).json()
+    assert (
+        hits["data"][0]["doc_id"] == "uploads/new_ferry.md"
+        and "Storm Petrel" in hits["data"][0]["text"]
+    )
+    r = httpx.post(
+        f"{server.url}/v1/documents", json={"text": "Short note about puffins.", "name": "note.txt"}
+    )
     assert r.status_code == 201 and r.json()["id"] == "uploads/note.txt"
     ids = [d["id"] for d in httpx.get(f"{server.url}/v1/documents").json()["data"]]
     assert {"uploads/new_ferry.md", "uploads/note.txt", "docs/saltmere_weather.md"} <= set(ids)
     for doc_id in ("uploads/new_ferry.md", "uploads/note.txt"):
         assert httpx.delete(f"{server.url}/v1/documents/{doc_id}", timeout=60).status_code == 200
     assert httpx.delete(f"{server.url}/v1/documents/uploads/note.txt").status_code == 404
-    hits = httpx.post(f"{server.url}/v1/retrieve", json={"query": "Storm Petrel catamaran", "k": 3}).json()
+    hits = httpx.post(
+        f"{server.url}/v1/retrieve", json={"query": "Storm Petrel catamaran", "k": 3}
+    ).json()
     assert all(h["doc_id"] != "uploads/new_ferry.md" for h in hits["data"])
 
 
 def test_eight_concurrent_streams_finish_and_health_answers(live):
     server, *_ = live
-    questions = ["How tall is the Greywater Point lighthouse?", "Who founded the weather service?",
-                 "How long is the ferry crossing?", "When was Greywater Point automated?"] * 2
+    questions = [
+        "How tall is the Greywater Point lighthouse?",
+        "Who founded the weather service?",
+        "How long is the ferry crossing?",
+        "When was Greywater Point automated?",
+    ] * 2
 
     async def run() -> tuple[list[str], list[float]]:
-        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=600)
+        client = openai.AsyncOpenAI(
+            base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=600
+        )
 
         async def ask(q: str) -> str:
             stream = await client.chat.completions.create(
-                model="m", max_tokens=4, stream=True, messages=[{"role": "user", "content": q}],
-                extra_body={"kvrag": {"k": 1, "mode": "reuse"}})
+                model="m",
+                max_tokens=4,
+                stream=True,
+                messages=[{"role": "user", "content": q}],
+                extra_body={"kvrag": {"k": 1, "mode": "reuse"}},
+            )
             finish = None
             async for chunk in stream:
                 if chunk.choices and chunk.choices[0].finish_reason:

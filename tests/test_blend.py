@@ -147,15 +147,26 @@ def test_question_pass_attends_like_the_model(engine, case):
         mass = blend.question_attention(model, ours, prompt, visible)
         # The same question over the same cache, with the uncached chunk's slots skipped.
         seen = torch.cat([visible, torch.ones(len(prompt.footer), dtype=torch.bool)])
-        allowed = (torch.arange(len(prompt))[None, :] <= torch.arange(prompt.context_end, len(prompt))[:, None]) & seen
-        model(torch.tensor([prompt.footer]), ref, positions=torch.arange(prompt.context_end, len(prompt)),
-              mask=allowed)
+        allowed = (
+            torch.arange(len(prompt))[None, :]
+            <= torch.arange(prompt.context_end, len(prompt))[:, None]
+        ) & seen
+        model(
+            torch.tensor([prompt.footer]),
+            ref,
+            positions=torch.arange(prompt.context_end, len(prompt)),
+            mask=allowed,
+        )
     footer = slice(prompt.context_end, len(prompt))
-    torch.testing.assert_close(ours.k[:, :, :, footer], ref.k[:, :, :, footer], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(ours.v[:, :, :, footer], ref.v[:, :, :, footer], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        ours.k[:, :, :, footer], ref.k[:, :, :, footer], rtol=1e-4, atol=1e-4
+    )
+    torch.testing.assert_close(
+        ours.v[:, :, :, footer], ref.v[:, :, :, footer], rtol=1e-4, atol=1e-4
+    )
     assert mass.shape == (model.args.n_layers, len(prompt))
     torch.testing.assert_close(mass.sum(1), torch.ones(model.args.n_layers), rtol=0, atol=1e-4)
-    assert (mass[:, uncached] == 0).all() and (mass[:, h:prompt.context_end] > 0).any()
+    assert (mass[:, uncached] == 0).all() and (mass[:, h : prompt.context_end] > 0).any()
 
 
 def test_keep_counts_shrink_to_target():
@@ -172,12 +183,16 @@ def _reference_attention(q, k, v, allowed):
     return s.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
 
 
-@pytest.mark.parametrize("dtype, fold", [(torch.float32, 1), (torch.float32, 3), (torch.bfloat16, 3)])
+@pytest.mark.parametrize(
+    "dtype, fold", [(torch.float32, 1), (torch.float32, 3), (torch.bfloat16, 3)]
+)
 def test_scattered_queries_are_causal_by_position(dtype, fold):
     """Folded bf16 groups run as matmuls on CPU (rag.model.attention._matmul_attend), the others in SDPA."""
     torch.manual_seed(0)
     s_len = 700
-    slots = torch.tensor(sorted(torch.randperm(s_len)[:300].tolist()))  # several groups of ATTN_GROUP
+    slots = torch.tensor(
+        sorted(torch.randperm(s_len)[:300].tolist())
+    )  # several groups of ATTN_GROUP
     q = (2 * torch.randn(1, 9, len(slots), 64)).to(dtype)
     k, v = (2 * torch.randn(1, 3, s_len, 64)).to(dtype), torch.randn(1, 3, s_len, 64).to(dtype)
     groups = causal_groups(slots, None, dtype, fold)
@@ -195,8 +210,11 @@ def test_scattered_queries_are_causal_by_position(dtype, fold):
     # The original CacheBlend mask is bottom-right aligned (query i of T sees keys < S - T + i + 1):
     # it lets middle tokens see later ones, and gives a different answer.
     bottom_right = keys[None, :] <= (s_len - len(slots) + torch.arange(len(slots)))[:, None]
-    assert not torch.allclose(got.double(), _reference_attention(q.double(), k.double(), v.double(), bottom_right),
-                              atol=2e-2)
+    assert not torch.allclose(
+        got.double(),
+        _reference_attention(q.double(), k.double(), v.double(), bottom_right),
+        atol=2e-2,
+    )
 
 
 def test_recomputed_middle_tokens_never_see_later_ones(engine, case, monkeypatch):
@@ -205,8 +223,11 @@ def test_recomputed_middle_tokens_never_see_later_ones(engine, case, monkeypatch
     prompt, kvs, _ = case
     n_layers = engine.model.args.n_layers
     # A fixed question ranking, so the selection cannot depend on the last chunk.
-    monkeypatch.setattr(blend, "question_attention",
-                        lambda model, cache, prompt, visible: torch.ones(n_layers, len(prompt)))
+    monkeypatch.setattr(
+        blend,
+        "question_attention",
+        lambda model, cache, prompt, visible: torch.ones(n_layers, len(prompt)),
+    )
     last = kvs[-1]
     deep = torch.arange(n_layers)[:, None, None, None] > blend.CHECK_LAYER
     noisy = type(last)(last.k, torch.where(deep, last.v * 3 + 1, last.v), last.base_position)
@@ -214,8 +235,12 @@ def test_recomputed_middle_tokens_never_see_later_ones(engine, case, monkeypatch
     cache_a, a = _blend(engine, prompt, kvs, 0.4)
     cache_b, b = _blend(engine, prompt, [*kvs[:-1], noisy], 0.4)
     middle = slice(s1, s2)
-    torch.testing.assert_close(cache_a.k[:, 0, :, middle], cache_b.k[:, 0, :, middle], rtol=0, atol=0)
-    torch.testing.assert_close(cache_a.v[:, 0, :, middle], cache_b.v[:, 0, :, middle], rtol=0, atol=0)
+    torch.testing.assert_close(
+        cache_a.k[:, 0, :, middle], cache_b.k[:, 0, :, middle], rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        cache_a.v[:, 0, :, middle], cache_b.v[:, 0, :, middle], rtol=0, atol=0
+    )
     # ... and the middle chunk really had tokens recomputed (its K/V differ from the cached ones).
     stitched = engine.new_cache(len(prompt))
     blend.stitch(stitched, prompt, kvs, engine.model.inv_freq)

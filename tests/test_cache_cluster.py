@@ -53,8 +53,10 @@ def owner_port(cluster: LocalCluster, tier: RedisClusterTier, k: str) -> int:
 
 
 def count_under(cluster: LocalCluster, prefix: str) -> int:
-    return sum(sum(1 for _ in n.client().scan_iter(match=prefix + "*", count=1000))
-               for n in cluster.masters())
+    return sum(
+        sum(1 for _ in n.client().scan_iter(match=prefix + "*", count=1000))
+        for n in cluster.masters()
+    )
 
 
 def wait_until(predicate, timeout_s: float, what: str) -> None:
@@ -73,8 +75,13 @@ def test_cluster_url_forms_and_the_factory_choice():
     nodes, opts = parse_cluster_url("rediss+cluster://u:p%40ss@h1:7000,[::1]:7001,h3")
     assert nodes == [("h1", 7000), ("::1", 7001), ("h3", 6379)]
     assert opts == {"ssl": True, "username": "u", "password": "p@ss"}
-    for bad in ("redis+cluster://h:7000/2", "redis+cluster://h:x/", "redis://h:6379/0",
-                "redis+cluster://h:7000/?socket_timeout=1", "redis+cluster://h:7000,/"):
+    for bad in (
+        "redis+cluster://h:7000/2",
+        "redis+cluster://h:x/",
+        "redis://h:6379/0",
+        "redis+cluster://h:7000/?socket_timeout=1",
+        "redis+cluster://h:7000,/",
+    ):
         with pytest.raises(ValueError):
             parse_cluster_url(bad)
     # Built without touching the network; a single-node URL still gets the single-node tier.
@@ -161,8 +168,12 @@ def test_clear_deletes_only_own_prefix_on_every_master(cluster, tier):
 
 
 def test_unreachable_cluster_is_a_miss_with_one_warning(caplog):
-    tier = RedisClusterTier(f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{free_port()}/",
-                            ttl_s=60, retry_min_s=0.05, retry_max_s=0.1)
+    tier = RedisClusterTier(
+        f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{free_port()}/",
+        ttl_s=60,
+        retry_min_s=0.05,
+        retry_max_s=0.1,
+    )
     store = TieredStore(redis=tier, fingerprint=FP)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         for _ in range(5):
@@ -182,8 +193,9 @@ def test_unreachable_cluster_is_a_miss_with_one_warning(caplog):
 def test_killed_master_misses_only_its_chunks_then_the_failover_serves_them(caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
     with LocalCluster(masters=3, replicas=1) as cluster:
-        tier = RedisClusterTier(cluster.url, ttl_s=300, retry_min_s=0.1, retry_max_s=0.5,
-                                refresh_s=0.2)
+        tier = RedisClusterTier(
+            cluster.url, ttl_s=300, retry_min_s=0.1, retry_max_s=0.5, refresh_s=0.2
+        )
         store = TieredStore(redis=tier, fingerprint=FP)
         entries = {key(i): make_entry(i) for i in range(24)}
         store.put_many(entries)
@@ -230,8 +242,11 @@ def test_master_lost_without_replica_then_restarted(caplog):
         assert tier.is_up() is False and tier.usage()["down"] == [victim.name]
 
         cluster.restart(victim)  # same port and nodes.conf: it owns its slots again, empty
-        wait_until(lambda: (store.put_many(entries), len(store.get_many(list(entries))))[1] == 24,
-                   30, "the restarted master")
+        wait_until(
+            lambda: (store.put_many(entries), len(store.get_many(list(entries))))[1] == 24,
+            30,
+            "the restarted master",
+        )
         assert len(tier_warnings(caplog)) == 1
         assert any("is back" in r.message for r in caplog.records if r.name == LOGGER)
         assert tier.usage()["up"]
@@ -244,7 +259,7 @@ def test_full_cluster_with_an_eviction_policy_evicts():
         value = b"v" * 256_000
         written = [key(i) for i in range(120)]  # ~30 MB into 12 MB
         for i in range(0, len(written), 8):
-            tier.put_many(dict.fromkeys(written[i:i + 8], value))
+            tier.put_many(dict.fromkeys(written[i : i + 8], value))
         counters = tier.stats.tier("redis")
         assert counters.writes == 120 and counters.errors == 0  # all accepted, older ones evicted
         evicted = sum(n.client().info("stats")["evicted_keys"] for n in cluster.masters())
@@ -285,22 +300,31 @@ def test_bench_tier_throughput_reads_the_same_values_from_both_and_cleans_up(clu
     served.put_many({key(i): bytes([i]) * 200_000 for i in range(8)})
     try:
         with LocalRedis() as single:
-            out = _tier_throughput(cluster.url, single.url, k=4, repeats=2,
-                                   settle=cluster.wait_replicated)
+            out = _tier_throughput(
+                cluster.url, single.url, k=4, repeats=2, settle=cluster.wait_replicated
+            )
             leftovers = list(single.node.client().scan_iter(match="kvrag:bench:*"))
         assert out["values"] == 8 and out["batches_timed"] == 4 and out["value_mb_mean"] == 0.2
         assert out["cluster_get_mb_s"] > 0 and out["single_get_mb_s"] > 0
         assert out["ratio_to_single"] == pytest.approx(
-            out["cluster_get_mb_s"] / out["single_get_mb_s"], rel=0.01)
+            out["cluster_get_mb_s"] / out["single_get_mb_s"], rel=0.01
+        )
         assert leftovers == [] and count_under(cluster, "kvrag:bench:") == 0
     finally:
         served.clear()
         served.close()
-    rows = [{"replica": "a", "ttft_ms": 10.0, "kv_hits": 4, "i": 0},
-            {"replica": "b", "error": "x", "i": 1}]
-    result = {"ttft_ms_p50": {"shared": 5.0, "cold": 10.0}, "speedup": 2.0, "ratio_to_single": 1.0,
-              "single_get_mb_s": 1.0, "cluster_get_mb_s": 1.0,
-              "kill": {"kill_before_request": 1, "failed": 1},
-              "rows": {"shared": rows[:1], "cold": rows[:1], "kill": rows}}
+    rows = [
+        {"replica": "a", "ttft_ms": 10.0, "kv_hits": 4, "i": 0},
+        {"replica": "b", "error": "x", "i": 1},
+    ]
+    result = {
+        "ttft_ms_p50": {"shared": 5.0, "cold": 10.0},
+        "speedup": 2.0,
+        "ratio_to_single": 1.0,
+        "single_get_mb_s": 1.0,
+        "cluster_get_mb_s": 1.0,
+        "kill": {"kill_before_request": 1, "failed": 1},
+        "rows": {"shared": rows[:1], "cold": rows[:1], "kill": rows},
+    }
     plot(result, tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 10_000

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable
 def make_entry(seed=0, n_tokens=16) -> ChunkKV:
     g = torch.Generator().manual_seed(seed)
     shape = (2, 3, n_tokens, 8)
-    return ChunkKV(torch.randn(shape, generator=g).bfloat16(), torch.randn(shape, generator=g).bfloat16(), seed)
+    return ChunkKV(
+        torch.randn(shape, generator=g).bfloat16(), torch.randn(shape, generator=g).bfloat16(), seed
+    )
 
 
 def key(i: int) -> str:
@@ -87,7 +89,9 @@ VALUE_BYTES = len(value(0))
 
 
 def all_files(root) -> list[str]:
-    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+    return sorted(
+        os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs
+    )
 
 
 def test_disk_round_trip_sharded_and_no_temp_files(tmp_path):

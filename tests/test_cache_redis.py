@@ -26,7 +26,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable
 
 def make_entry(seed=0, shape=(2, 3, 16, 8)) -> ChunkKV:
     g = torch.Generator().manual_seed(seed)
-    return ChunkKV(torch.randn(shape, generator=g).bfloat16(), torch.randn(shape, generator=g).bfloat16(), seed)
+    return ChunkKV(
+        torch.randn(shape, generator=g).bfloat16(), torch.randn(shape, generator=g).bfloat16(), seed
+    )
 
 
 def key(i: int) -> str:
@@ -34,9 +36,11 @@ def key(i: int) -> str:
 
 
 def same(a: ChunkKV, b: ChunkKV) -> bool:
-    return (torch.equal(a.k.view(torch.int16), b.k.view(torch.int16))
-            and torch.equal(a.v.view(torch.int16), b.v.view(torch.int16))
-            and a.base_position == b.base_position)
+    return (
+        torch.equal(a.k.view(torch.int16), b.k.view(torch.int16))
+        and torch.equal(a.v.view(torch.int16), b.v.view(torch.int16))
+        and a.base_position == b.base_position
+    )
 
 
 @pytest.fixture
@@ -133,12 +137,20 @@ def test_no_ttl_when_disabled(shared_tier):
 
 
 def warnings_from_tier(caplog) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "cache.redis_tier" and r.levelno == logging.WARNING]
+    return [
+        r for r in caplog.records if r.name == "cache.redis_tier" and r.levelno == logging.WARNING
+    ]
 
 
 def test_redis_dies_mid_sequence_then_comes_back(private_redis, caplog):
-    tier = RedisTier(private_redis.url, ttl_s=60, prefix="kvrag:t:",
-                     retry_min_s=0.05, retry_max_s=0.2, connect_timeout_s=0.5)
+    tier = RedisTier(
+        private_redis.url,
+        ttl_s=60,
+        prefix="kvrag:t:",
+        retry_min_s=0.05,
+        retry_max_s=0.2,
+        connect_timeout_s=0.5,
+    )
     store = TieredStore(redis=tier, fingerprint=FP)
     entries = {key(i): make_entry(i) for i in range(3)}
     caplog.set_level(logging.INFO, logger="cache.redis_tier")
@@ -173,8 +185,14 @@ def test_redis_dies_mid_sequence_then_comes_back(private_redis, caplog):
 
 
 def test_hung_redis_costs_one_socket_timeout_then_skips(private_redis, caplog):
-    tier = RedisTier(private_redis.url, ttl_s=60, prefix="kvrag:t:", socket_timeout_s=0.3,
-                     retry_min_s=0.5, retry_max_s=0.5)
+    tier = RedisTier(
+        private_redis.url,
+        ttl_s=60,
+        prefix="kvrag:t:",
+        socket_timeout_s=0.3,
+        retry_min_s=0.5,
+        retry_max_s=0.5,
+    )
     store = TieredStore(redis=tier, fingerprint=FP)
     store.put(key(1), make_entry(1))
     assert key(1) in store.get_many([key(1)])

@@ -18,11 +18,17 @@ pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable
 
 def make_entry(dtype=torch.bfloat16, shape=(2, 3, 16, 8), seed=0, base=5) -> ChunkKV:
     g = torch.Generator().manual_seed(seed)
-    return ChunkKV(torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype), base)
+    return ChunkKV(
+        torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype), base
+    )
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.int16), b.view(torch.int16))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.view(torch.int16), b.view(torch.int16))
+    )
 
 
 # -- entry ---------------------------------------------------------------------
@@ -38,9 +44,18 @@ def test_entry_properties():
 @pytest.mark.parametrize(
     "k, v",
     [
-        (torch.zeros(2, 3, 4, 8, dtype=torch.float32), torch.zeros(2, 3, 4, 8, dtype=torch.float32)),
-        (torch.zeros(2, 3, 4, 8, dtype=torch.bfloat16), torch.zeros(2, 3, 5, 8, dtype=torch.bfloat16)),
-        (torch.zeros(2, 3, 4, 8, dtype=torch.bfloat16), torch.zeros(2, 3, 4, 8, dtype=torch.float16)),
+        (
+            torch.zeros(2, 3, 4, 8, dtype=torch.float32),
+            torch.zeros(2, 3, 4, 8, dtype=torch.float32),
+        ),
+        (
+            torch.zeros(2, 3, 4, 8, dtype=torch.bfloat16),
+            torch.zeros(2, 3, 5, 8, dtype=torch.bfloat16),
+        ),
+        (
+            torch.zeros(2, 3, 4, 8, dtype=torch.bfloat16),
+            torch.zeros(2, 3, 4, 8, dtype=torch.float16),
+        ),
         (torch.zeros(3, 4, 8, dtype=torch.bfloat16), torch.zeros(3, 4, 8, dtype=torch.bfloat16)),
     ],
 )
@@ -166,7 +181,10 @@ def test_chunk_key_is_content_address():
 
 
 def test_fingerprint_tensors_tracks_values_dtype_shape_names():
-    w = {"a.weight": torch.arange(10_000, dtype=torch.float32).reshape(100, 100), "b": torch.ones(3)}
+    w = {
+        "a.weight": torch.arange(10_000, dtype=torch.float32).reshape(100, 100),
+        "b": torch.ones(3),
+    }
     fp = fingerprint_tensors(w)
     assert fp == fingerprint_tensors(list(reversed(list(w.items()))))  # order-independent
     assert fp != fingerprint_tensors({**w, "b": torch.ones(3) * 2})

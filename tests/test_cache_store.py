@@ -30,7 +30,9 @@ def make_entry(seed=0, fill: float | None = None) -> ChunkKV:
         t = torch.full(shape, fill, dtype=torch.bfloat16)
         return ChunkKV(t, t.clone(), int(fill))
     g = torch.Generator().manual_seed(seed)
-    return ChunkKV(torch.randn(shape, generator=g).bfloat16(), torch.randn(shape, generator=g).bfloat16(), seed)
+    return ChunkKV(
+        torch.randn(shape, generator=g).bfloat16(), torch.randn(shape, generator=g).bfloat16(), seed
+    )
 
 
 ENTRY_BYTES = make_entry().nbytes
@@ -41,9 +43,11 @@ def key(i: int) -> str:
 
 
 def same(a: ChunkKV, b: ChunkKV) -> bool:
-    return (torch.equal(a.k.view(torch.int16), b.k.view(torch.int16))
-            and torch.equal(a.v.view(torch.int16), b.v.view(torch.int16))
-            and a.base_position == b.base_position)
+    return (
+        torch.equal(a.k.view(torch.int16), b.k.view(torch.int16))
+        and torch.equal(a.v.view(torch.int16), b.v.view(torch.int16))
+        and a.base_position == b.base_position
+    )
 
 
 @pytest.fixture
@@ -233,15 +237,31 @@ def test_concurrent_readers_and_writers_never_see_torn_entries(tmp_path, redis_t
 
 
 def test_build_store_wires_configured_tiers(tmp_path):
-    store = build_store(memory_mb=1, disk_dir=tmp_path / "kv", disk_mb=1, redis_url=None,
-                        redis_ttl_s=60, device="cpu", max_new_per_request=4, fingerprint=FP)
+    store = build_store(
+        memory_mb=1,
+        disk_dir=tmp_path / "kv",
+        disk_mb=1,
+        redis_url=None,
+        redis_ttl_s=60,
+        device="cpu",
+        max_new_per_request=4,
+        fingerprint=FP,
+    )
     assert store.tier_names == ["memory", "disk"]
     assert store.memory.budget_bytes == 1 << 20 and store.max_new_per_request == 4
     store.put(key(1), make_entry(1))
     assert key(1) in store.get_many([key(1)])
     store.close()
-    only_redis = build_store(0, tmp_path / "kv", 0, SHARED_URL, 60, "cpu", None,
-                             redis_prefix=f"kvrag:test:{uuid.uuid4().hex}:")
+    only_redis = build_store(
+        0,
+        tmp_path / "kv",
+        0,
+        SHARED_URL,
+        60,
+        "cpu",
+        None,
+        redis_prefix=f"kvrag:test:{uuid.uuid4().hex}:",
+    )
     assert only_redis.tier_names == ["redis"]
     assert only_redis.redis.ttl_s == 60
     only_redis.close()

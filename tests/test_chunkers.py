@@ -25,7 +25,7 @@ needs_corpora = pytest.mark.skipif(not CORPORA.is_dir(), reason="shared corpora 
 
 
 def corpus(name: str, start: int = 0, n: int = 3000) -> str:
-    return (CORPORA / f"{name}.md").read_text(encoding="utf-8")[start:start + n]
+    return (CORPORA / f"{name}.md").read_text(encoding="utf-8")[start : start + n]
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +62,8 @@ def test_every_chunker_keeps_exact_offsets_on_real_text(resources, name):
 def test_ppl_chunking_splits_at_the_seam_of_two_topics(resources):
     a = corpus("state_of_the_union", 0, 1400)
     b = corpus("pubmed", 30000, 1400)
-    a = a[:a.rfind(".") + 1]
-    b = b[b.find(". ") + 2:]
+    a = a[: a.rfind(".") + 1]
+    b = b[b.find(". ") + 2 :]
     text = a + "\n" + b
     seam = len(a)
     chunker = make_chunker("meta-ppl", resources, 120)
@@ -98,8 +98,8 @@ def test_windows_cover_every_token_with_context():
 def test_repeated_text_gets_identical_windows():
     block = [(i * 7919) % 3000 for i in range(3000)]
     plan = plan_windows([1, 2, 3] + block + [9] * 50 + block, 512, 64)
-    first = {tuple(block[s - 3:e - 3]) for s, e, _ in plan if s >= 3 and e <= 3003}
-    second = {tuple(block[s - 3053:e - 3053]) for s, e, _ in plan if s >= 3053}
+    first = {tuple(block[s - 3 : e - 3]) for s, e, _ in plan if s >= 3 and e <= 3003}
+    second = {tuple(block[s - 3053 : e - 3053]) for s, e, _ in plan if s >= 3053}
     assert len(first & second) >= 3
 
 
@@ -109,13 +109,17 @@ def test_windowed_losses_match_a_full_pass(lm32):
     # by batch shape), by up to 0.2 nats after 30 layers; windowing is what is tested here.
     scorer = LMScorer(lm32.model, lm32.tokenizer)
     ids = scorer.tokenizer.encode_text(corpus("wikitexts", 0, 2000))[:300]
-    full = scorer.model(torch.tensor([ids]), scorer.model.new_cache(len(ids)), start=0, logits_for=slice(None))
+    full = scorer.model(
+        torch.tensor([ids]), scorer.model.new_cache(len(ids)), start=0, logits_for=slice(None)
+    )
     ref = torch.nn.functional.cross_entropy(full[0, :-1], torch.tensor(ids[1:]), reduction="none")
     old = scorer.window, scorer.context
     try:
         scorer.window, scorer.context = 400, 64
         got = scorer.token_losses(ids)
-        assert not got.requires_grad  # no autograd graph: it chained every batch of a corpus run (18 GB)
+        assert (
+            not got.requires_grad
+        )  # no autograd graph: it chained every batch of a corpus run (18 GB)
         assert math.isnan(got[0])
         assert torch.allclose(got[1:], ref, atol=1e-3)
         scorer.window, scorer.context = 128, 100  # many windows, batched with padding
@@ -127,10 +131,16 @@ def test_windowed_losses_match_a_full_pass(lm32):
         # Exactly what each window alone gives, though the windows ran batched and padded and
         # the lm_head ran only on the rows whose losses are kept.
         for s, e, keep in plan_windows(ids, 128, 100):
-            alone = scorer.model(torch.tensor([ids[s:e]]), scorer.model.new_cache(e - s), start=0,
-                                 logits_for=slice(None))
-            want = torch.nn.functional.cross_entropy(alone[0, :-1], torch.tensor(ids[s + 1:e]), reduction="none")
-            assert torch.allclose(windowed[keep:e], want[keep - s - 1:], atol=1e-3), (s, e, keep)
+            alone = scorer.model(
+                torch.tensor([ids[s:e]]),
+                scorer.model.new_cache(e - s),
+                start=0,
+                logits_for=slice(None),
+            )
+            want = torch.nn.functional.cross_entropy(
+                alone[0, :-1], torch.tensor(ids[s + 1 : e]), reduction="none"
+            )
+            assert torch.allclose(windowed[keep:e], want[keep - s - 1 :], atol=1e-3), (s, e, keep)
     finally:
         scorer.window, scorer.context = old
 
@@ -144,7 +154,9 @@ def test_chunk_signals_are_computed_once_per_text_across_sizes(resources):
     large = make_chunker("meta-ppl", resources, 200).split(text)
     assert resources.scorer.memo_hits == hits + 1
     assert len(large) < len(small)
-    assert make_chunker("meta-ppl", resources, 60).split(text) == small  # the memo gives the same answer
+    assert (
+        make_chunker("meta-ppl", resources, 60).split(text) == small
+    )  # the memo gives the same answer
     # The embedding signal of the semantic chunker likewise.
     from ingest.chunkers.semantic import sentence_distances
 
@@ -187,7 +199,9 @@ def test_merge_makes_as_few_chunks_as_the_target_allows(resources):
         fewest, total = 0, target + 1
         for n in (counter.count(s, e) for s, e in sentences):
             fewest, total = (fewest + 1, n) if total + n > target else (fewest, total + n)
-        spans = merge_meta_chunks(text, sentences, find_minima(ppl), counter, target=target, strength=strength)
+        spans = merge_meta_chunks(
+            text, sentences, find_minima(ppl), counter, target=target, strength=strength
+        )
         assert len(spans) == fewest
         assert all(counter.count(s, e) <= target or (s, e) in sentences for s, e in spans)
 
@@ -197,8 +211,14 @@ def test_merge_keeps_paragraphs_before_sentences(resources):
     tok = resources.embedder.tokenizer
     paragraphs = corpus("state_of_the_union", 0, 20000).split("\n\n")
     n = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in paragraphs]
-    i = next(i for i in range(len(n) - 1) if 40 <= n[i] <= 90 and 40 <= n[i + 1] <= 90
-             and len(split_sentences(paragraphs[i])) > 1 and len(split_sentences(paragraphs[i + 1])) > 1)
+    i = next(
+        i
+        for i in range(len(n) - 1)
+        if 40 <= n[i] <= 90
+        and 40 <= n[i + 1] <= 90
+        and len(split_sentences(paragraphs[i])) > 1
+        and len(split_sentences(paragraphs[i + 1])) > 1
+    )
     text = paragraphs[i] + "\n\n" + paragraphs[i + 1]
     counter = TokenCounter(tok, text)
     target = max(n[i], n[i + 1]) + 5  # each paragraph fits, both together do not
@@ -218,5 +238,5 @@ def test_llama_index_node_parser_keeps_offsets(resources):
     parser = MetaChunkingNodeParser.from_name("meta-ppl", 60, resources=resources)
     nodes = parser.get_nodes_from_documents([Document(text=text)])
     assert len(nodes) > 2
-    assert all(n.text == text[n.start_char_idx:n.end_char_idx] for n in nodes)
+    assert all(n.text == text[n.start_char_idx : n.end_char_idx] for n in nodes)
     assert nodes[-1].end_char_idx > len(text) // 2

@@ -46,14 +46,17 @@ def test_logits_match_transformers_on_cuda(engine):
     cache = model.new_cache(n)
     model(ids[:, :8], cache, 0, logits_for=None)
     for i in range(8, n):
-        assert (model(ids[:, i:i + 1], cache, i)[0, -1] - ref[0, i]).abs().max() < 2e-3
+        assert (model(ids[:, i : i + 1], cache, i)[0, -1] - ref[0, i]).abs().max() < 2e-3
 
 
 def test_fingerprint_does_not_depend_on_the_device(engine, models_dir):
     """Chunk caches computed on a GPU replica are valid for a CPU one and back (same weights, dtype)."""
     from rag.model.loader import load_model
 
-    assert Engine(load_model("", models_dir, "float32", "cpu"), SYSTEM_PROMPT).fingerprint == engine.fingerprint
+    assert (
+        Engine(load_model("", models_dir, "float32", "cpu"), SYSTEM_PROMPT).fingerprint
+        == engine.fingerprint
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +76,12 @@ def test_blend_on_cuda_ratio_one_is_full_prefill_and_ratio_zero_keeps_the_first_
     cache = engine.new_cache(n)
     r = blend_prefill(engine.model, cache, prompt, kvs, 0.0)
     s0, s1 = prompt.chunk_starts[0], prompt.chunk_starts[1]
-    torch.testing.assert_close(cache.view(0, n)[1][:, :, s0:s1], full.cache.view(0, n)[1][:, :, s0:s1].to(
-        engine.kv_dtype).float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(
+        cache.view(0, n)[1][:, :, s0:s1],
+        full.cache.view(0, n)[1][:, :, s0:s1].to(engine.kv_dtype).float(),
+        rtol=1e-2,
+        atol=1e-2,
+    )
     r = blend_prefill(engine.model, engine.new_cache(n), prompt, kvs, 0.15)
     assert r.recomputed == math.ceil(0.15 * r.reused)
 
@@ -84,7 +91,9 @@ def test_blend_on_cuda_agrees_with_the_cpu_engine(engine, case, lm32):
     prompt, kvs, _ = case
     cpu = Engine(lm32, SYSTEM_PROMPT)
     on_gpu = blend_prefill(engine.model, engine.new_cache(len(prompt)), prompt, kvs, 0.15)
-    on_cpu = blend_prefill(cpu.model, cpu.new_cache(len(prompt)), prompt, [kv.to("cpu") for kv in kvs], 0.15)
+    on_cpu = blend_prefill(
+        cpu.model, cpu.new_cache(len(prompt)), prompt, [kv.to("cpu") for kv in kvs], 0.15
+    )
     assert torch.equal(on_gpu.selected.cpu(), on_cpu.selected)
     torch.testing.assert_close(on_gpu.logits.cpu(), on_cpu.logits, rtol=1e-3, atol=5e-3)
 
@@ -123,6 +132,8 @@ def test_memory_tier_serves_chunk_kv_from_device_memory(engine, case, tmp_path):
         store.flush()
         hit = store.get("chunk")
         assert hit.k.device.type == CUDA and torch.equal(hit.k, kv.k) and torch.equal(hit.v, kv.v)
-    with build_store(0, tmp_path, 64, None, None, device=CUDA, fingerprint=engine.fingerprint) as disk_only:
+    with build_store(
+        0, tmp_path, 64, None, None, device=CUDA, fingerprint=engine.fingerprint
+    ) as disk_only:
         hit = disk_only.get("chunk")
         assert hit.k.device.type == CUDA and torch.equal(hit.v, kv.v)

@@ -43,8 +43,17 @@ def _prompt(engine: Engine, paragraphs: list[str], question: str, n_tokens: int)
 
 def _run(engine: Engine, pre, prompt, max_new: int, drafter=None, **kw):
     pre.cache.length = len(prompt)
-    return decode(engine.model, engine.step, engine.tokenizer, pre.cache, pre.logits[-1], len(prompt),
-                  max_new, drafter=drafter, **kw)
+    return decode(
+        engine.model,
+        engine.step,
+        engine.tokenizer,
+        pre.cache,
+        pre.logits[-1],
+        len(prompt),
+        max_new,
+        drafter=drafter,
+        **kw,
+    )
 
 
 def _generate(engine: Engine, prompt, mode: str = "full", **params) -> Request:
@@ -83,7 +92,9 @@ def test_greedy_lookahead_is_token_for_token_identical(engine, paragraphs, conte
 
 
 @pytest.mark.parametrize("step", ["default", "pytorch"])
-def test_greedy_lookahead_is_token_for_token_identical_in_bf16(engine16, paragraphs, step, monkeypatch):
+def test_greedy_lookahead_is_token_for_token_identical_in_bf16(
+    engine16, paragraphs, step, monkeypatch
+):
     """In bf16 a CPU matmul's rows change in the last bit with the batch size: the PyTorch step keeps
     every batch >= 2 rows and attends per token, the native step computes every row alone, so a
     draft row equals the plain step's exactly (the native step runs here where it can be built)."""
@@ -95,17 +106,32 @@ def test_greedy_lookahead_is_token_for_token_identical_in_bf16(engine16, paragra
     _assert_lookahead_identical(engine16, paragraphs, 2000, SAMPLE_QUESTIONS, 64)
 
 
-def _assert_lookahead_identical(engine: Engine, paragraphs: list[str], context_tokens: int,
-                                questions=QUESTIONS, max_new: int = 40) -> None:
+def _assert_lookahead_identical(
+    engine: Engine,
+    paragraphs: list[str],
+    context_tokens: int,
+    questions=QUESTIONS,
+    max_new: int = 40,
+) -> None:
     accepted = 0
     memory = AnswerMemory()  # later questions also draft from the earlier answers, as in the engine
     for q in questions:
         prompt = _prompt(engine, paragraphs, q, context_tokens)
         pre = engine.prefill(prompt, extra_slots=max_new)
         lean = _run(engine, pre, prompt, max_new)
-        la = _run(engine, pre, prompt, max_new, Lookahead(prompt.ids()[len(prompt.header):], memory=memory))
+        la = _run(
+            engine,
+            pre,
+            prompt,
+            max_new,
+            Lookahead(prompt.ids()[len(prompt.header) :], memory=memory),
+        )
         memory.add(la.ids)
-        assert la.ids == lean.ids, (q, engine.tokenizer.decode(lean.ids), engine.tokenizer.decode(la.ids))
+        assert la.ids == lean.ids, (
+            q,
+            engine.tokenizer.decode(lean.ids),
+            engine.tokenizer.decode(la.ids),
+        )
         assert la.text == lean.text and la.finish == lean.finish
         assert la.steps + la.accepted == lean.steps
         accepted += la.accepted
@@ -118,7 +144,7 @@ def test_sampling_with_lookahead_draws_the_same_tokens(engine, paragraphs):
     pre = engine.prefill(prompt, extra_slots=32)
     kw = dict(temperature=0.7, top_p=0.9, seed=3)
     plain = _run(engine, pre, prompt, 32, **kw)
-    la = _run(engine, pre, prompt, 32, Lookahead(prompt.ids()[len(prompt.header):]), **kw)
+    la = _run(engine, pre, prompt, 32, Lookahead(prompt.ids()[len(prompt.header) :]), **kw)
     assert la.ids == plain.ids
 
 
@@ -138,8 +164,12 @@ def test_generate_defaults_lookahead_on_for_greedy_only(engine, paragraphs):
 
 
 @pytest.mark.parametrize("lookahead", [False, True])
-@pytest.mark.parametrize("model_engine", ["engine", "engine16"])  # the PyTorch step; the native one (bf16)
-def test_long_generation_stops_cleanly_at_the_context_limit(request, model_engine, paragraphs, lookahead):
+@pytest.mark.parametrize(
+    "model_engine", ["engine", "engine16"]
+)  # the PyTorch step; the native one (bf16)
+def test_long_generation_stops_cleanly_at_the_context_limit(
+    request, model_engine, paragraphs, lookahead
+):
     engine = request.getfixturevalue(model_engine)
     prompt = _prompt(engine, paragraphs, "Repeat the documents word for word.", 200)
     small = Engine(engine.lm, SYSTEM_PROMPT, max_context=len(prompt) + 12)
@@ -149,10 +179,14 @@ def test_long_generation_stops_cleanly_at_the_context_limit(request, model_engin
     # Directly: a buffer with 6 free slots is filled to the end and never grows.
     pre = engine.prefill(prompt, extra_slots=6)
     k_ptr, max_len = pre.cache.k.data_ptr(), pre.cache.max_len
-    drafter = Lookahead(prompt.ids()[len(prompt.header):]) if lookahead else None
+    drafter = Lookahead(prompt.ids()[len(prompt.header) :]) if lookahead else None
     r = _run(engine, pre, prompt, 200, drafter)
     assert r.finish == "context" and len(r.ids) == 7  # 6 fed tokens + the last one chosen
-    assert pre.cache.k.data_ptr() == k_ptr and pre.cache.max_len == max_len and pre.cache.length == max_len
+    assert (
+        pre.cache.k.data_ptr() == k_ptr
+        and pre.cache.max_len == max_len
+        and pre.cache.length == max_len
+    )
 
 
 def test_stop_strings_and_cancellation(engine, paragraphs):
@@ -161,11 +195,15 @@ def test_stop_strings_and_cancellation(engine, paragraphs):
     full = _run(engine, pre, prompt, 40)
     assert len(full.text.split()) > 3
     word = full.text.split()[2]
-    cut = _run(engine, pre, prompt, 40, Lookahead(prompt.ids()[len(prompt.header):]), stop=[word])
-    assert cut.finish == "stop" and cut.text == full.text[:full.text.find(word)]
+    cut = _run(engine, pre, prompt, 40, Lookahead(prompt.ids()[len(prompt.header) :]), stop=[word])
+    assert cut.finish == "stop" and cut.text == full.text[: full.text.find(word)]
     seen: list[str] = []
     gone = _run(engine, pre, prompt, 40, on_text=lambda d: seen.append(d) or len(seen) < 2)
-    assert gone.finish == "cancelled" and len(seen) == 2 and "".join(seen) == full.text[:len("".join(seen))]
+    assert (
+        gone.finish == "cancelled"
+        and len(seen) == 2
+        and "".join(seen) == full.text[: len("".join(seen))]
+    )
 
 
 def test_decode_pass_linears_are_batch_invariant(lm32):
@@ -177,7 +215,7 @@ def test_decode_pass_linears_are_batch_invariant(lm32):
     x = torch.randn(16, lm32.model.args.dim)
     rows = lin(x)
     for i in (0, 7, 15):
-        assert torch.equal(lin(x[i:i + 1])[0], rows[i])
+        assert torch.equal(lin(x[i : i + 1])[0], rows[i])
     other = torch.randn(16, lin(x[:1]).shape[1])
     assert torch.equal(lin(x[3:4], "add", other[3:4])[0], lin(x, "add", other)[3])
 
@@ -198,8 +236,12 @@ def test_plain_step_reads_the_free_room_masked_and_equals_a_gathered_tree_row(lm
     plain = step(torch.tensor([7]), cache, 120, base=120)
     cache.k.copy_(snapshot[0])
     cache.v.copy_(snapshot[1])
-    one_node = torch.ones(1, 121, dtype=torch.bool)  # a one-node "tree": sees every slot up to itself
-    tree = step(torch.tensor([7]), cache, 120, base=120, positions=torch.tensor([120]), mask=one_node)
+    one_node = torch.ones(
+        1, 121, dtype=torch.bool
+    )  # a one-node "tree": sees every slot up to itself
+    tree = step(
+        torch.tensor([7]), cache, 120, base=120, positions=torch.tensor([120]), mask=one_node
+    )
     assert torch.isfinite(plain).all() and torch.equal(plain, tree)
 
 

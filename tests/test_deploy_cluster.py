@@ -17,8 +17,15 @@ COMPOSE = REPO / "docker-compose.cluster.yml"
 
 def test_cluster_compose_wires_three_nodes_init_ingest_and_two_replicas():
     services = yaml.safe_load(COMPOSE.read_text())["services"]
-    assert set(services) == {"redis-1", "redis-2", "redis-3", "redis-cluster-init", "ingest",
-                             "api-1", "api-2"}
+    assert set(services) == {
+        "redis-1",
+        "redis-2",
+        "redis-3",
+        "redis-cluster-init",
+        "ingest",
+        "api-1",
+        "api-2",
+    }
     for name in ("redis-1", "redis-2", "redis-3"):
         command = " ".join(services[name]["command"])
         assert "--cluster-enabled yes" in command
@@ -55,6 +62,7 @@ def test_cluster_compose_config():
     cli = _compose_cli()
     if cli is None:
         pytest.skip("neither `docker compose` nor docker-compose is installed")
-    out = subprocess.run([*cli, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
-                         cwd=REPO)
+    out = subprocess.run(
+        [*cli, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, cwd=REPO
+    )
     assert out.returncode == 0, out.stderr

@@ -31,14 +31,23 @@ def test_union_and_intersection():
 
 def test_scores_follow_the_definitions():
     excerpts = [Located("a", 10, 20), Located("a", 40, 50)]  # |e| = 20
-    retrieved = [Located("a", 0, 15), Located("b", 10, 20), Located("a", 45, 60)]  # |r| = 15 + 10 + 15
+    retrieved = [
+        Located("a", 0, 15),
+        Located("b", 10, 20),
+        Located("a", 45, 60),
+    ]  # |r| = 15 + 10 + 15
     s = score_question(excerpts, retrieved)
     hit = 5 + 5
     assert s.recall == pytest.approx(hit / 20)
     assert s.precision == pytest.approx(hit / 40)
     assert s.iou == pytest.approx(hit / (40 + 20 - hit))
     # Omega: every chunk touching an excerpt, each once, vs their union with the excerpts.
-    touching = [Located("a", 0, 15), Located("a", 15, 30), Located("a", 35, 45), Located("a", 45, 60)]
+    touching = [
+        Located("a", 0, 15),
+        Located("a", 15, 30),
+        Located("a", 35, 45),
+        Located("a", 45, 60),
+    ]
     s = score_question(excerpts, retrieved, touching)
     assert s.precision_omega == pytest.approx(20 / (30 + 25))
 
@@ -66,7 +75,8 @@ def one_corpus(tmp_path):
     corpora = tmp_path / "corpora"
     corpora.mkdir()
     (corpora / "state_of_the_union.md").write_text(
-        (CHROMA / "corpora" / "state_of_the_union.md").read_text(encoding="utf-8"), encoding="utf-8")
+        (CHROMA / "corpora" / "state_of_the_union.md").read_text(encoding="utf-8"), encoding="utf-8"
+    )
     with open(CHROMA / "questions_df.csv", newline="", encoding="utf-8") as f:
         rows = [r for r in csv.DictReader(f) if r["corpus_id"] == "state_of_the_union"]
     questions = tmp_path / "questions.csv"
@@ -91,12 +101,38 @@ def test_eval_several_chunkers_and_sizes_writes_json_table_and_plot(one_corpus, 
     model = resolve_model_dir("", REPO / "kvrag_data" / "models")
     settings = Settings(data_dir=tmp_path / "data", model=str(model))
     out = tmp_path / "out" / "res.json"
-    rows = run_retrieval_eval(corpora, questions, ["token", "recursive", "semantic"], [150, 300], 5, out, settings,
-                              progress=False, boundary_pairs=2)
-    keys = {"chunker", "chunk_size", "k", "n_questions", "n_chunks", "mean_chunk_tokens", "chunking_seconds",
-            "recall", "precision", "precision_omega", "iou"}
+    rows = run_retrieval_eval(
+        corpora,
+        questions,
+        ["token", "recursive", "semantic"],
+        [150, 300],
+        5,
+        out,
+        settings,
+        progress=False,
+        boundary_pairs=2,
+    )
+    keys = {
+        "chunker",
+        "chunk_size",
+        "k",
+        "n_questions",
+        "n_chunks",
+        "mean_chunk_tokens",
+        "chunking_seconds",
+        "recall",
+        "precision",
+        "precision_omega",
+        "iou",
+    }
     assert [(r["chunker"], r["chunk_size"]) for r in rows] == [
-        ("token", 150), ("token", 300), ("recursive", 150), ("recursive", 300), ("semantic", 150), ("semantic", 300)]
+        ("token", 150),
+        ("token", 300),
+        ("recursive", 150),
+        ("recursive", 300),
+        ("semantic", 150),
+        ("semantic", 300),
+    ]
     for r in rows:
         assert keys <= set(r)
         assert r["n_questions"] == n and r["k"] == 5
@@ -124,8 +160,24 @@ def test_cli_single_chunker_writes_one_object(one_corpus, tmp_path, monkeypatch,
     monkeypatch.setenv("KVRAG_DATA_DIR", str(tmp_path / "data"))
     out = tmp_path / "one.json"
     args = add_eval_retrieval_args(argparse.ArgumentParser()).parse_args(
-        ["--corpora", str(corpora), "--questions", str(questions), "--chunker", "recursive",
-         "--chunk-size", "100", "--k", "3", "--json", str(out), "--boundary-pairs", "0", "--no-progress"])
+        [
+            "--corpora",
+            str(corpora),
+            "--questions",
+            str(questions),
+            "--chunker",
+            "recursive",
+            "--chunk-size",
+            "100",
+            "--k",
+            "3",
+            "--json",
+            str(out),
+            "--boundary-pairs",
+            "0",
+            "--no-progress",
+        ]
+    )
     assert cmd_eval_retrieval(args) == 0
     result = json.loads(out.read_text())
     assert result["chunker"] == "recursive" and result["k"] == 3
@@ -137,9 +189,21 @@ def test_cli_single_chunker_writes_one_object(one_corpus, tmp_path, monkeypatch,
 def test_hybrid_retrieval_beats_dense_on_real_questions(one_corpus, tmp_path):
     """BM25 fused with the vectors finds more of the excerpts than the vectors alone (same chunks)."""
     corpora, questions, _ = one_corpus
-    settings = Settings(data_dir=tmp_path / "data", model=str(resolve_model_dir("", REPO / "kvrag_data" / "models")))
-    dense, hybrid = run_retrieval_eval(corpora, questions, ["recursive"], 150, 5, tmp_path / "r.json", settings,
-                                       progress=False, boundary_pairs=0, retrievals=["dense", "hybrid"])
+    settings = Settings(
+        data_dir=tmp_path / "data", model=str(resolve_model_dir("", REPO / "kvrag_data" / "models"))
+    )
+    dense, hybrid = run_retrieval_eval(
+        corpora,
+        questions,
+        ["recursive"],
+        150,
+        5,
+        tmp_path / "r.json",
+        settings,
+        progress=False,
+        boundary_pairs=0,
+        retrievals=["dense", "hybrid"],
+    )
     assert (dense["retrieval"], hybrid["retrieval"]) == ("dense", "hybrid")
     assert dense["n_chunks"] == hybrid["n_chunks"]
     assert hybrid["recall"] > dense["recall"] + 0.02 and hybrid["iou"] > dense["iou"]

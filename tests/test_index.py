@@ -38,8 +38,12 @@ def test_vector_index_remove_and_tie_break(tmp_path):
 def add_doc(docstore, index, doc_id: str, text: str, spans):
     ids = docstore.next_ids(len(spans))
     docstore.put_document(Document(doc_id, doc_id, sha256(text), text), 0.0)
-    docstore.add_chunks([Chunk(i, doc_id, s, e, text[s:e], e - s, sha256(text[s:e]))
-                         for i, (s, e) in zip(ids, spans, strict=True)])
+    docstore.add_chunks(
+        [
+            Chunk(i, doc_id, s, e, text[s:e], e - s, sha256(text[s:e]))
+            for i, (s, e) in zip(ids, spans, strict=True)
+        ]
+    )
     index.add(ids, unit(len(ids), seed=len(text)))
     return ids
 
@@ -62,11 +66,13 @@ def test_generation_commits_atomically_and_ids_only_grow(tmp_path):
     assert store.current_dir() == before
     docstore, index, lexical = store.open()
     assert docstore.document_ids() == ["a"] and len(index) == 1
-    assert lexical.ids == second and [cid for cid, _ in lexical.search("delta", 5)] == second  # BM25 too
+    assert (
+        lexical.ids == second and [cid for cid, _ in lexical.search("delta", 5)] == second
+    )  # BM25 too
     shutil.rmtree(before / "bm25")  # a generation committed before BM25 existed gets one built
     assert [cid for cid, _ in store.open()[2].search("delta", 5)] == second
     for c in docstore.chunks_of("a"):
-        assert c.text == docstore.get_document("a").text[c.start:c.end]
+        assert c.text == docstore.get_document("a").text[c.start : c.end]
     assert [p.name for p in (tmp_path / "index").glob("gen-*")] == [before.name]
 
 
@@ -98,7 +104,9 @@ def test_lexical_terms_stem_drop_stop_words_and_split_chinese():
 
 
 def test_lexical_index_finds_only_chunks_sharing_a_term():
-    index = LexicalIndex([7, 8, 9], ["the cat sat on the mat", "dogs running in the park", "北京是中国的首都"])
+    index = LexicalIndex(
+        [7, 8, 9], ["the cat sat on the mat", "dogs running in the park", "北京是中国的首都"]
+    )
     assert [cid for cid, _ in index.search("a dog runs", 5)] == [8]
     assert [cid for cid, _ in index.search("中国的首都在哪里", 5)] == [9]
     assert index.search("zebra", 5) == [] and index.search("", 5) == []
@@ -108,7 +116,12 @@ def test_lexical_index_finds_only_chunks_sharing_a_term():
 
 def test_rrf_fuses_two_rankings_and_breaks_ties_by_id():
     fused = reciprocal_rank_fusion([[2, 1, 3], [1, 2, 4], [5]], 4)
-    assert [cid for cid, _ in fused] == [1, 2, 5, 3]  # 1 and 2 tie on 1/61 + 1/62: the smaller id first
+    assert [cid for cid, _ in fused] == [
+        1,
+        2,
+        5,
+        3,
+    ]  # 1 and 2 tie on 1/61 + 1/62: the smaller id first
     assert [score for _, score in fused] == pytest.approx([1 / 61 + 1 / 62] * 2 + [1 / 61, 1 / 63])
 
 

@@ -35,7 +35,9 @@ def resources(model_dir, tmp_path_factory):
 
 
 def settings_for(tmp_path: Path, model_dir: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", model=str(model_dir), chunker="token", chunk_size=120)
+    return Settings(
+        data_dir=tmp_path / "data", model=str(model_dir), chunker="token", chunk_size=120
+    )
 
 
 def write_docs(folder: Path, n: int, chars: int = 2500, corpus: str = "wikitexts") -> list[Path]:
@@ -44,7 +46,7 @@ def write_docs(folder: Path, n: int, chars: int = 2500, corpus: str = "wikitexts
     paths = []
     for i in range(n):
         p = folder / f"doc{i:03d}.md"
-        p.write_text(text[i * chars:(i + 1) * chars], encoding="utf-8")
+        p.write_text(text[i * chars : (i + 1) * chars], encoding="utf-8")
         paths.append(p)
     return paths
 
@@ -58,7 +60,7 @@ def consistent(settings: Settings, dim: int = 384):
     assert sorted(lexical.ids) == ds_ids
     for c in docstore.all_chunks():
         doc = docstore.get_document(c.doc_id)
-        assert doc.text[c.start:c.end] == c.text
+        assert doc.text[c.start : c.end] == c.text
     return docstore, index
 
 
@@ -81,13 +83,27 @@ def test_update_and_delete_remove_old_vectors(tmp_path, model_dir, resources):
     s = settings_for(tmp_path, model_dir)
     paths = write_docs(tmp_path / "docs", 3)
     removed_batches = []
-    ingest([tmp_path / "docs"], s, resources=resources, progress=False, on_removed=removed_batches.append)
+    ingest(
+        [tmp_path / "docs"],
+        s,
+        resources=resources,
+        progress=False,
+        on_removed=removed_batches.append,
+    )
     docstore, _ = consistent(s)
     doc0 = doc_id_for(paths[0])
     old_ids = {c.chunk_id for c in docstore.chunks_of(doc0)}
 
-    paths[0].write_text((CORPORA / "pubmed.md").read_text(encoding="utf-8")[5000:7000], encoding="utf-8")
-    upd = ingest([tmp_path / "docs"], s, resources=resources, progress=False, on_removed=removed_batches.append)
+    paths[0].write_text(
+        (CORPORA / "pubmed.md").read_text(encoding="utf-8")[5000:7000], encoding="utf-8"
+    )
+    upd = ingest(
+        [tmp_path / "docs"],
+        s,
+        resources=resources,
+        progress=False,
+        on_removed=removed_batches.append,
+    )
     assert (upd.updated, upd.unchanged) == (1, 2) and upd.chunks_removed == len(old_ids)
     docstore, index = consistent(s)
     new_ids = {c.chunk_id for c in docstore.chunks_of(doc0)}
@@ -129,14 +145,19 @@ def minimal_pdf(text: str) -> bytes:
     xref = len(out)
     out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
     out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(objects) + 1,
+        xref,
+    )
     return out
 
 
 def test_loaders_html_and_pdf(tmp_path):
     html = tmp_path / "page.html"
-    html.write_text("<html><head><title>t</title><script>var x=1;</script></head><body><h1>Title</h1>"
-                    "<p>First <b>para</b>.</p><style>p{}</style><p>Second.</p></body></html>")
+    html.write_text(
+        "<html><head><title>t</title><script>var x=1;</script></head><body><h1>Title</h1>"
+        "<p>First <b>para</b>.</p><style>p{}</style><p>Second.</p></body></html>"
+    )
     got = load_text(html)
     assert "var x" not in got and "p{}" not in got
     assert got.startswith("Title") and "para" in got and got.endswith("Second.")
@@ -177,15 +198,34 @@ def test_interrupted_ingestion_keeps_the_previous_index(tmp_path, model_dir, res
     # Enough work that the job is still running when the signal lands (40 documents could
     # finish inside half a second on a fast host, and the run then exits 0).
     write_docs(tmp_path / "more", 100, chars=1200, corpus="pubmed")
-    env = {**os.environ, "KVRAG_DATA_DIR": str(s.data_dir), "KVRAG_MODEL": str(model_dir),
-           "KVRAG_CHUNKER": "token", "KVRAG_CHUNK_SIZE": "120", "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "KVRAG_DATA_DIR": str(s.data_dir),
+        "KVRAG_MODEL": str(model_dir),
+        "KVRAG_CHUNKER": "token",
+        "KVRAG_CHUNK_SIZE": "120",
+        "PYTHONPATH": str(REPO),
+    }
     # A shell without job control starts background commands with SIGINT ignored, and the job
     # inherits that from pytest (it then ignores the signal and commits): give it a terminal's
     # Ctrl-C, whatever started the tests.
     sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "rag.cli", "ingest", str(docs), str(tmp_path / "more"),
-                                 "--no-progress"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "rag.cli",
+                "ingest",
+                str(docs),
+                str(tmp_path / "more"),
+                "--no-progress",
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
     finally:
         signal.signal(signal.SIGINT, sigint)
     try:
@@ -194,7 +234,9 @@ def test_interrupted_ingestion_keeps_the_previous_index(tmp_path, model_dir, res
             assert proc.poll() is None, proc.stdout.read().decode()
             assert time.time() < deadline, "the job never started a generation"
             time.sleep(0.05)
-        time.sleep(0.1)  # inside the run: the docstore is being copied, documents chunked and embedded
+        time.sleep(
+            0.1
+        )  # inside the run: the docstore is being copied, documents chunked and embedded
         assert proc.poll() is None, "the job finished before it could be interrupted"
         proc.send_signal(sig)
         proc.wait(timeout=60)

@@ -14,8 +14,18 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-UNITS = ("rag.model", "rag.engine", "rag.index", "rag.server", "rag.service", "rag.cli",
-         "rag.config", "cache", "ingest", "eval")
+UNITS = (
+    "rag.model",
+    "rag.engine",
+    "rag.index",
+    "rag.server",
+    "rag.service",
+    "rag.cli",
+    "rag.config",
+    "cache",
+    "ingest",
+    "eval",
+)
 BELOW_SERVICE = {"rag.config", "rag.model", "rag.index", "rag.engine", "cache"}
 # What each unit may import besides itself.
 ALLOWED = {
@@ -53,9 +63,17 @@ def imports(path: Path, only_in: set[str] | None = None) -> set[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     nodes = list(ast.walk(tree))
     if only_in is not None:
-        nodes = [n for stmt in tree.body for n in (
-            ast.walk(stmt) if isinstance(stmt, ast.FunctionDef) and stmt.name in only_in
-            else [] if isinstance(stmt, ast.FunctionDef | ast.ClassDef) else ast.walk(stmt))]
+        nodes = [
+            n
+            for stmt in tree.body
+            for n in (
+                ast.walk(stmt)
+                if isinstance(stmt, ast.FunctionDef) and stmt.name in only_in
+                else []
+                if isinstance(stmt, ast.FunctionDef | ast.ClassDef)
+                else ast.walk(stmt)
+            )
+        ]
     found = set()
     for node in nodes:
         if isinstance(node, ast.Import):
@@ -115,10 +133,13 @@ def test_ask_and_serve_import_no_evaluation_code(command):
 
 
 def test_building_the_cli_and_importing_the_server_loads_no_evaluation_code():
-    code = ("import sys, rag.cli as cli; cli.build_parser().parse_args(['serve']); "
-            "import rag.server.run, rag.service; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('eval', 'ingest')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                         check=True).stdout
+    code = (
+        "import sys, rag.cli as cli; cli.build_parser().parse_args(['serve']); "
+        "import rag.server.run, rag.service; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('eval', 'ingest')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    ).stdout
     loaded = eval(out)  # noqa: S307 - our own printed list
     assert not [m for m in loaded if m.startswith("eval")], loaded

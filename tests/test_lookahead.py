@@ -75,7 +75,7 @@ def test_answer_memory_keeps_exactly_the_ngrams_of_its_last_answers():
     for i, a in enumerate(answers):
         memory.add(a)
         fresh = NgramTrie(depth=3)
-        for kept in answers[max(0, i - 1):i + 1]:
+        for kept in answers[max(0, i - 1) : i + 1]:
             fresh.insert(kept)
         assert _counts(memory.trie) == _counts(fresh)  # no zero-count node is left behind either
     assert list(memory.answers) == answers[-2:]
@@ -128,14 +128,17 @@ def test_tree_mask_lets_each_node_see_only_committed_slots_and_its_ancestors():
     tree = _two_branch_tree([11, 12, 13], [21, 22], root=1)
     m = tree.mask(committed=4)
     assert m.shape == (6, 10) and m[:, :4].all()
-    expected_tree_part = torch.tensor([
-        [1, 0, 0, 0, 0, 0],  # root
-        [1, 1, 0, 0, 0, 0],  # 11
-        [1, 1, 1, 0, 0, 0],  # 12
-        [1, 1, 1, 1, 0, 0],  # 13
-        [1, 0, 0, 0, 1, 0],  # 21: not 11, 12, 13
-        [1, 0, 0, 0, 1, 1],  # 22
-    ], dtype=torch.bool)
+    expected_tree_part = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0],  # root
+            [1, 1, 0, 0, 0, 0],  # 11
+            [1, 1, 1, 0, 0, 0],  # 12
+            [1, 1, 1, 1, 0, 0],  # 13
+            [1, 0, 0, 0, 1, 0],  # 21: not 11, 12, 13
+            [1, 0, 0, 0, 1, 1],  # 22
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(m[:, 4:], expected_tree_part)
     # Walking: the model picks 21 after the root, then 22, then 7 (not in the tree).
     choice = {0: 21, 4: 22, 5: 7}
@@ -153,7 +156,9 @@ def test_tree_verification_equals_plain_steps_on_each_branch(lm32, make_step):
     """One masked pass over a two-branch tree gives each node the logits (and K/V) of plain decoding,
     with the default step (native where it builds) and the PyTorch one (CUDA, no compiler)."""
     model, tok = lm32.model, lm32.tokenizer
-    ids = tok.encode_text("The Saltmere lighthouse stands on a granite cliff above the harbour. Its first keeper")
+    ids = tok.encode_text(
+        "The Saltmere lighthouse stands on a granite cliff above the harbour. Its first keeper"
+    )
     n = len(ids)
     a = tok.encode_text(" was Josiah")
     b = tok.encode_text(", a sailor")
@@ -163,7 +168,9 @@ def test_tree_verification_equals_plain_steps_on_each_branch(lm32, make_step):
     def plain(branch: list[int]) -> tuple[torch.Tensor, object]:
         cache = model.new_cache(n + 8)
         model(torch.tensor([ids[:-1]]), cache, 0, logits_for=None)
-        rows = [step(torch.tensor([t]), cache, n - 1 + i)[0] for i, t in enumerate([ids[-1], *branch])]
+        rows = [
+            step(torch.tensor([t]), cache, n - 1 + i)[0] for i, t in enumerate([ids[-1], *branch])
+        ]
         return torch.stack(rows), cache
 
     cache = model.new_cache(n + 8)
@@ -171,15 +178,23 @@ def test_tree_verification_equals_plain_steps_on_each_branch(lm32, make_step):
     tree = _two_branch_tree(a, b, root=ids[-1])
     committed = n - 1
     positions = torch.tensor(tree.depths) + committed
-    rows = step(torch.tensor(tree.tokens), cache, committed, positions=positions, mask=tree.mask(committed),
-                all_logits=True)
+    rows = step(
+        torch.tensor(tree.tokens),
+        cache,
+        committed,
+        positions=positions,
+        mask=tree.mask(committed),
+        all_logits=True,
+    )
     ref_a, _ = plain(a)
     ref_b, cache_b = plain(b)
     got_a = rows[[0, *range(1, 1 + len(a))]]
     got_b = rows[[0, *range(1 + len(a), 1 + len(a) + len(b))]]
     assert (got_a - ref_a).abs().max() < 1e-3
     assert (got_b - ref_b).abs().max() < 1e-3
-    assert torch.equal(got_a.argmax(-1), ref_a.argmax(-1)) and torch.equal(got_b.argmax(-1), ref_b.argmax(-1))
+    assert torch.equal(got_a.argmax(-1), ref_a.argmax(-1)) and torch.equal(
+        got_b.argmax(-1), ref_b.argmax(-1)
+    )
 
     # Accepting branch b moves its K/V into the contiguous slots plain decoding would have filled.
     path = [0, *range(1 + len(a), 1 + len(a) + len(b))]
@@ -200,4 +215,6 @@ def test_trie_ceiling_counts_the_steps_of_a_drafter_that_always_guesses_right():
     # The answer so far is in the trie too: a repeated phrase is drafted the second time.
     looped = [500, 501, 502, 503] * 3
     steps, tokens = trie_ceiling(context, looped, budget=3)
-    assert tokens == 11 and steps == 4 + 2  # one plain step a token until 500 comes again, then 4 + 3
+    assert (
+        tokens == 11 and steps == 4 + 2
+    )  # one plain step a token until 500 comes again, then 4 + 3

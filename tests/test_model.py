@@ -34,11 +34,13 @@ def test_smollm2_logits_match_transformers(lm32):
     cache = model.new_cache(n)
     model(ids[:, :5], cache, 0, logits_for=None)
     for i in range(5, n):
-        step = model(ids[:, i:i + 1], cache, i)
+        step = model(ids[:, i : i + 1], cache, i)
         assert (step[0, -1] - ref[0, i]).abs().max() < 1e-3
 
 
-def test_bf16_masked_attention_is_as_close_to_transformers_as_sdpa(lm32, models_dir, paragraphs, monkeypatch):
+def test_bf16_masked_attention_is_as_close_to_transformers_as_sdpa(
+    lm32, models_dir, paragraphs, monkeypatch
+):
     """bf16 on CPU: a span over a past of over 512 keys attends in masked groups as float32-score
     matmuls; its logits are as close to transformers' float32 ones as with SDPA's own bf16 kernel."""
     from rag.model import attention as model_mod
@@ -65,9 +67,16 @@ def test_bf16_masked_attention_is_as_close_to_transformers_as_sdpa(lm32, models_
 
 FAMILIES = {
     "llama2": dict(model_type="llama"),
-    "llama3-rope-scaling": dict(model_type="llama", rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 64}),
+    "llama3-rope-scaling": dict(
+        model_type="llama",
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
     "mistral": dict(model_type="mistral", sliding_window=None),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
 }
@@ -80,9 +89,17 @@ def test_tiny_random_model_matches_transformers(family, tmp_path):
     kw = dict(FAMILIES[family])
     model_type = kw.pop("model_type")
     cfg = AutoConfig.for_model(
-        model_type, vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0,
-        **kw)
+        model_type,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+        **kw,
+    )
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     if model_type == "qwen2":  # make the q/k/v biases matter

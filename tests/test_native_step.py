@@ -52,7 +52,9 @@ def test_native_steps_are_as_close_to_transformers_as_the_pytorch_step(lm, parag
         kl[name] = _kl(ref[n:-1], rows)
         agree[name] = float((rows.argmax(-1) == ref[n:-1].argmax(-1)).float().mean())
     assert kl["native"] < (0.01 if model.dtype == torch.bfloat16 else 1e-5)
-    assert kl["native"] <= 1.5 * kl["pytorch"] + (1e-3 if model.dtype == torch.bfloat16 else 1e-6), kl
+    assert kl["native"] <= 1.5 * kl["pytorch"] + (
+        1e-3 if model.dtype == torch.bfloat16 else 1e-6
+    ), kl
     assert agree["native"] >= agree["pytorch"] - 1 / 23, agree
 
 
@@ -83,10 +85,14 @@ def test_native_tree_rows_are_bitwise_plain_steps(lm, paragraphs, long, request)
     and plain steps whose prompt (base) is all their past, ending in other 16-key blocks."""
     model, tok = lm.model, lm.tokenizer
     step = native_step.for_model(model)
-    ids = tok.encode_text("The Saltmere lighthouse stands on a granite cliff above the harbour. Its first keeper")
+    ids = tok.encode_text(
+        "The Saltmere lighthouse stands on a granite cliff above the harbour. Its first keeper"
+    )
     if long:
         past = tok.encode_text(paragraphs[0] + "\n\n" + paragraphs[1])
-        ids = past[:300 + (14 - 300 - len(ids) + 1) % 16] + ids  # the tree's base: 14 past a block start
+        ids = (
+            past[: 300 + (14 - 300 - len(ids) + 1) % 16] + ids
+        )  # the tree's base: 14 past a block start
         threads = torch.get_num_threads()
         torch.set_num_threads(2)  # the step runs on torch's thread count
         request.addfinalizer(lambda: torch.set_num_threads(threads))
@@ -101,14 +107,23 @@ def test_native_tree_rows_are_bitwise_plain_steps(lm, paragraphs, long, request)
     def plain(branch: list[int]):
         cache = prefilled()
         base = None if long else n - 1
-        rows = [step(torch.tensor([t]), cache, n - 1 + i, base=base)[0] for i, t in enumerate([ids[-1], *branch])]
+        rows = [
+            step(torch.tensor([t]), cache, n - 1 + i, base=base)[0]
+            for i, t in enumerate([ids[-1], *branch])
+        ]
         return torch.stack(rows), cache
 
     cache = prefilled()
     tree = _two_branch_tree(a, b, root=ids[-1])
     committed = n - 1
-    rows = step(torch.tensor(tree.tokens), cache, committed, positions=torch.tensor(tree.depths) + committed,
-                mask=tree.mask(committed), all_logits=True)
+    rows = step(
+        torch.tensor(tree.tokens),
+        cache,
+        committed,
+        positions=torch.tensor(tree.depths) + committed,
+        mask=tree.mask(committed),
+        all_logits=True,
+    )
     ref_a, _ = plain(a)
     ref_b, cache_b = plain(b)
     assert torch.equal(rows[[0, *range(1, 1 + len(a))]], ref_a)
@@ -143,15 +158,26 @@ def test_native_step_matches_transformers_on_each_family(family, tmp_path):
 
     kw = dict(FAMILIES[family])
     cfg = AutoConfig.for_model(
-        kw.pop("model_type"), vocab_size=256, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, rope_theta=10000.0, **kw)
+        kw.pop("model_type"),
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+        **kw,
+    )
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     if family == "qwen2":
         for layer in hf.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 torch.nn.init.normal_(proj.bias, std=0.5)
-    hf = hf.to(torch.bfloat16).to(torch.float32)  # the weights the bf16 model holds, computed in float32
+    hf = hf.to(torch.bfloat16).to(
+        torch.float32
+    )  # the weights the bf16 model holds, computed in float32
     hf.save_pretrained(tmp_path)
     ids = torch.randint(0, 256, (1, 48))
     with torch.no_grad():
@@ -162,6 +188,8 @@ def test_native_step_matches_transformers_on_each_family(family, tmp_path):
         pytest.skip("the native step can't be built here")
     cache = model.new_cache(48)
     model(ids[:, :32], cache, 0, logits_for=None)
-    rows = torch.cat([step(ids[0, i:i + 1], cache, i) for i in range(32, 47)])
+    rows = torch.cat([step(ids[0, i : i + 1], cache, i) for i in range(32, 47)])
     assert _kl(ref[32:47], rows) < 1e-3
-    assert (rows - ref[32:47]).abs().max() < 0.02  # a random model's logits are near ties: no argmax check
+    assert (
+        rows - ref[32:47]
+    ).abs().max() < 0.02  # a random model's logits are near ties: no argmax check

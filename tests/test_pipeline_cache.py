@@ -29,8 +29,13 @@ def rag_with_redis(tmp_path_factory, models_dir, server):
     from rag.config import Settings
 
     root = tmp_path_factory.mktemp("pc")
-    settings = Settings(data_dir=root / "data", model_cache_dir=models_dir, redis_url=server.url,
-                        cache_disk_mb=0, cache_memory_mb=0)  # Redis is the only tier
+    settings = Settings(
+        data_dir=root / "data",
+        model_cache_dir=models_dir,
+        redis_url=server.url,
+        cache_disk_mb=0,
+        cache_memory_mb=0,
+    )  # Redis is the only tier
     cwd = os.getcwd()
     os.chdir(root)
     try:
@@ -113,7 +118,9 @@ def test_dead_redis_degrades_to_recompute_then_reconnects(rag_with_redis, server
     dead = ask(rag_with_redis)  # must not raise
     assert dead.request.chunk_misses == 2 and dead.text == baseline.text
     ask(rag_with_redis)
-    warnings = [r for r in caplog.records if r.name.startswith("cache") and r.levelname == "WARNING"]
+    warnings = [
+        r for r in caplog.records if r.name.startswith("cache") and r.levelname == "WARNING"
+    ]
     assert len(warnings) <= 1
     server.start()  # same port, empty: the store reconnects after its back-off
     deadline = time.monotonic() + 30

@@ -15,8 +15,9 @@ from eval.redis_local import LocalCluster, have_redis_server
 from eval.replicas import serve_replicas
 from tests.conftest import SAMPLES
 
-pytestmark = pytest.mark.skipif(not have_redis_server(),
-                                reason="redis-server / redis-cli not on PATH")
+pytestmark = pytest.mark.skipif(
+    not have_redis_server(), reason="redis-server / redis-cli not on PATH"
+)
 
 K = 2
 QUESTIONS = (
@@ -27,14 +28,16 @@ QUESTIONS = (
     "When was the Greywater Point station automated?",
     "Who was the first principal keeper of Greywater Point?",
 )
-NEW_FACT = ("The Orrin Shoal beacon was painted vermilion and ultramarine in 1931 "
-            "by Edda Quillfeather.")
+NEW_FACT = (
+    "The Orrin Shoal beacon was painted vermilion and ultramarine in 1931 by Edda Quillfeather."
+)
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """Every file under root: size and mtime (what a writer would change)."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in root.rglob("*")}
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +58,18 @@ def deployment(tmp_path_factory, models_dir):
     finally:
         os.chdir(cwd)
     before = snapshot(settings.data_dir)
-    with LocalCluster(masters=3, replicas=1) as cluster, \
-            serve_replicas([cluster.url] * 2, settings.data_dir, root / "state",
-                           models_dir) as (a, b):
-        yield {"a": a, "b": b, "cluster": cluster, "settings": settings, "root": root,
-               "before": before}
+    with (
+        LocalCluster(masters=3, replicas=1) as cluster,
+        serve_replicas([cluster.url] * 2, settings.data_dir, root / "state", models_dir) as (a, b),
+    ):
+        yield {
+            "a": a,
+            "b": b,
+            "cluster": cluster,
+            "settings": settings,
+            "root": root,
+            "before": before,
+        }
 
 
 def ok(response) -> dict:
@@ -134,7 +144,10 @@ def test_killing_a_master_mid_run_fails_no_request(deployment):
             assert time.monotonic() < deadline, f"replica {replica.name} never saw the new topology"
             time.sleep(0.5)
     for replica in (a, b):  # at most one warning per replica for the one lost node
-        warnings = [line for line in replica.log_text().splitlines()
-                    if line.startswith("WARNING cache.cluster_tier")]
+        warnings = [
+            line
+            for line in replica.log_text().splitlines()
+            if line.startswith("WARNING cache.cluster_tier")
+        ]
         assert len(warnings) <= 1, warnings
         assert "Traceback" not in replica.log_text()

@@ -17,26 +17,37 @@ def texts(text: str, splitter=None) -> list[str]:
 
 
 def test_english_abbreviations_and_numbers_do_not_split():
-    text = ("Mr. Smith met Dr. J. Watson in the U.S. capital. See Section 5.3. for details, e.g. the "
-            "tables in Fig. 3. It rained! Did it? Yes.")
+    text = (
+        "Mr. Smith met Dr. J. Watson in the U.S. capital. See Section 5.3. for details, e.g. the "
+        "tables in Fig. 3. It rained! Did it? Yes."
+    )
     assert texts(text) == [
         "Mr. Smith met Dr. J. Watson in the U.S. capital.",
         "See Section 5.3. for details, e.g. the tables in Fig. 3.",
-        "It rained!", "Did it?", "Yes.",
+        "It rained!",
+        "Did it?",
+        "Yes.",
     ]
 
 
 def test_lowercase_sentences_and_enumerations():
     # finance.md is all lowercase; "14." opening a sentence is a list marker, "2020." ends one.
     text = "14. debt long-term debt consisted of the following. it expires in 2020. a deferred tax asset"
-    assert texts(text) == ["14. debt long-term debt consisted of the following.", "it expires in 2020.",
-                           "a deferred tax asset"]
+    assert texts(text) == [
+        "14. debt long-term debt consisted of the following.",
+        "it expires in 2020.",
+        "a deferred tax asset",
+    ]
 
 
 def test_decimals_and_quotes():
     text = 'He said "it costs 3.5 dollars." Then he left (quietly.) \u201cReally?\u201d Yes.'
-    assert texts(text) == ['He said "it costs 3.5 dollars."', "Then he left (quietly.)",
-                           "\u201cReally?\u201d", "Yes."]
+    assert texts(text) == [
+        'He said "it costs 3.5 dollars."',
+        "Then he left (quietly.)",
+        "\u201cReally?\u201d",
+        "Yes.",
+    ]
 
 
 def test_chinese_sentence_ends():
@@ -52,14 +63,19 @@ def test_lines_break_sentences_and_whitespace_is_stripped():
 def test_punkt_is_pluggable():
     text = "Mr. Smith went to Washington. He arrived at 5 p.m. on Monday.\nNew line here."
     spans = make_splitter("punkt").split(text)
-    assert [text[s:e] for s, e in spans] == ["Mr. Smith went to Washington.",
-                                             "He arrived at 5 p.m. on Monday.", "New line here."]
+    assert [text[s:e] for s, e in spans] == [
+        "Mr. Smith went to Washington.",
+        "He arrived at 5 p.m. on Monday.",
+        "New line here.",
+    ]
     with pytest.raises(ValueError):
         make_splitter("nope")
 
 
 @pytest.mark.skipif(not CORPORA.is_dir(), reason="shared corpora not available")
-@pytest.mark.parametrize("path", sorted(CORPORA.glob("*.md")) if CORPORA.is_dir() else [], ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", sorted(CORPORA.glob("*.md")) if CORPORA.is_dir() else [], ids=lambda p: p.stem
+)
 def test_offsets_are_exact_on_real_corpora(path):
     text = path.read_text(encoding="utf-8")
     spans = RuleSentenceSplitter().split(text)

@@ -8,7 +8,9 @@ from ingest.chunkers.base import Chunker, Resources, Span
 CHUNKERS = ("meta-ppl", "meta-margin", "token", "recursive", "semantic")
 
 
-def make_chunker(name: str, resources: Resources, size: int = 200, overlap: int = 0, **options) -> Chunker:
+def make_chunker(
+    name: str, resources: Resources, size: int = 200, overlap: int = 0, **options
+) -> Chunker:
     """A chunker by name; `options` go to its constructor (e.g. threshold, max_tokens, percentile)."""
     if name == "token":
         from ingest.chunkers.token import TokenChunker

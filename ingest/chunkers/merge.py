@@ -19,8 +19,13 @@ class TokenCounter:
     """Wordpiece counts of spans of one text."""
 
     def __init__(self, tokenizer, text: str):
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
-                        truncation=False, verbose=False)
+        enc = tokenizer(
+            text,
+            add_special_tokens=False,
+            return_offsets_mapping=True,
+            truncation=False,
+            verbose=False,
+        )
         self.text = text
         self.offsets = [tuple(o) for o in enc["offset_mapping"]]
         self.starts = [s for s, _ in self.offsets]
@@ -61,18 +66,22 @@ CUT_COST = 30.0
 SHIFT_SD = 2.5
 
 
-def boundary_strengths(text: str, sentences: Sequence[Span], boundaries: Sequence[int],
-                       strength: Sequence[float] | None) -> list[float]:
+def boundary_strengths(
+    text: str,
+    sentences: Sequence[Span],
+    boundaries: Sequence[int],
+    strength: Sequence[float] | None,
+) -> list[float]:
     """How much to keep each gap (after sentence i): structure, then meta-chunk ends, then the signal
     (standardized over the text); a topic shift outranks all."""
     n = len(sentences)
-    sig = list(strength[:n - 1]) if strength is not None else [0.0] * (n - 1)
+    sig = list(strength[: n - 1]) if strength is not None else [0.0] * (n - 1)
     mean = sum(sig) / max(1, len(sig))
     sd = (sum((x - mean) ** 2 for x in sig) / max(1, len(sig))) ** 0.5 or 1.0
     ends = set(boundaries)
     out = []
     for i in range(n - 1):
-        gap = text[sentences[i][1]:sentences[i + 1][0]].count("\n")
+        gap = text[sentences[i][1] : sentences[i + 1][0]].count("\n")
         structure = BLANK_LINE if gap >= 2 else LINE_BREAK if gap == 1 else 0.0
         z = (sig[i] - mean) / sd
         shift = CUT_COST if i in ends and z >= SHIFT_SD else 0.0  # a topic shift: its cut is free
@@ -104,7 +113,9 @@ def merge_meta_chunks(
     max_tokens = min(max_tokens, MAX_WORDPIECES)
     target = min(target, max_tokens)
     sizes = [counter.count(s, e) for s, e in sentences]
-    cut_cost = [CUT_COST - g for g in boundary_strengths(text, sentences, boundaries, strength)] + [0.0]
+    cut_cost = [CUT_COST - g for g in boundary_strengths(text, sentences, boundaries, strength)] + [
+        0.0
+    ]
     # cost[j]: the cheapest cutting of sentences [0, j) into chunks that fit; first[j]: where its
     # last chunk starts.
     cost = [0.0] + [math.inf] * n

@@ -55,13 +55,22 @@ def adaptive_boundaries(margins: Sequence[float], window: int = 5) -> list[int]:
 class MarginChunker:
     name = "meta-margin"
 
-    def __init__(self, scorer, counter_tokenizer, size: int = 200, context_tokens: int = 12,
-                 max_tokens: int = MAX_WORDPIECES, splitter: SentenceSplitter | None = None,
-                 batch: int = 32):
+    def __init__(
+        self,
+        scorer,
+        counter_tokenizer,
+        size: int = 200,
+        context_tokens: int = 12,
+        max_tokens: int = MAX_WORDPIECES,
+        splitter: SentenceSplitter | None = None,
+        batch: int = 32,
+    ):
         self.scorer = scorer
         self.counter_tokenizer = counter_tokenizer
         self.size = size
-        self.context_tokens = context_tokens  # LLM tokens of A (chunk tail) and of B (sentence head)
+        self.context_tokens = (
+            context_tokens  # LLM tokens of A (chunk tail) and of B (sentence head)
+        )
         self.max_tokens = max_tokens
         self.splitter = splitter
         self.batch = batch
@@ -77,14 +86,23 @@ class MarginChunker:
         ids, offsets = self.scorer.tokenizer.encode_with_offsets(text)
         ranges = sentence_token_ranges(text, sentences, offsets)
         n = self.context_tokens
-        queries: dict[tuple[int, ...], int] = {}  # identical questions (repeated text) are asked once
+        queries: dict[
+            tuple[int, ...], int
+        ] = {}  # identical questions (repeated text) are asked once
         which = []
         for i in range(len(sentences) - 1):
             (a0, a1), (b0, b1) = ranges[i], ranges[i + 1]
-            q = tuple(self.label_a + ids[max(a0, a1 - n):a1] + self.label_b + ids[b0:min(b1, b0 + n)]
-                      + self.footer)
+            q = tuple(
+                self.label_a
+                + ids[max(a0, a1 - n) : a1]
+                + self.label_b
+                + ids[b0 : min(b1, b0 + n)]
+                + self.footer
+            )
             which.append(queries.setdefault(q, len(queries)))
-        probs = self.scorer.next_token_probs(self.prefix, list(queries), self.answers, batch=self.batch)
+        probs = self.scorer.next_token_probs(
+            self.prefix, list(queries), self.answers, batch=self.batch
+        )
         margin = (probs[:, 1] - probs[:, 0]).tolist()
         return [margin[j] for j in which]
 
@@ -96,4 +114,6 @@ class MarginChunker:
         boundaries = adaptive_boundaries(margins)
         strength = [-m for m in margins] + [0.0]
         counter = TokenCounter(self.counter_tokenizer, text)
-        return merge_meta_chunks(text, sentences, boundaries, counter, self.size, self.max_tokens, strength)
+        return merge_meta_chunks(
+            text, sentences, boundaries, counter, self.size, self.max_tokens, strength
+        )

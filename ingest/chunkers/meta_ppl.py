@@ -67,8 +67,15 @@ def sentence_perplexities(text: str, sentences: Sequence[Span], scorer) -> list[
 class PerplexityChunker:
     name = "meta-ppl"
 
-    def __init__(self, scorer, counter_tokenizer, size: int = 200, threshold: float = 0.0,
-                 max_tokens: int = MAX_WORDPIECES, splitter: SentenceSplitter | None = None):
+    def __init__(
+        self,
+        scorer,
+        counter_tokenizer,
+        size: int = 200,
+        threshold: float = 0.0,
+        max_tokens: int = MAX_WORDPIECES,
+        splitter: SentenceSplitter | None = None,
+    ):
         self.scorer = scorer
         self.counter_tokenizer = counter_tokenizer  # the embedder's: sizes are its wordpieces
         self.size = size
@@ -90,4 +97,6 @@ class PerplexityChunker:
             return []
         minima, strength = self.boundaries(text, sentences)
         counter = TokenCounter(self.counter_tokenizer, text)
-        return merge_meta_chunks(text, sentences, minima, counter, self.size, self.max_tokens, strength)
+        return merge_meta_chunks(
+            text, sentences, minima, counter, self.size, self.max_tokens, strength
+        )

@@ -27,7 +27,9 @@ class RecursiveChunker:
         self.overlap = overlap
         self.separators = tuple(separators)
 
-    def _pieces(self, text: str, start: int, end: int, level: int, counter: TokenCounter) -> list[Span]:
+    def _pieces(
+        self, text: str, start: int, end: int, level: int, counter: TokenCounter
+    ) -> list[Span]:
         """Spans no larger than the size, in order, covering [start, end) (separators stay attached)."""
         if counter.count(start, end) <= self.size:
             return [(start, end)]
@@ -45,7 +47,9 @@ class RecursiveChunker:
 
     def split(self, text: str) -> list[Span]:
         counter = TokenCounter(self.tokenizer, text)
-        pieces = [p for p in self._pieces(text, 0, len(text), 0, counter) if text[p[0]:p[1]].strip()]
+        pieces = [
+            p for p in self._pieces(text, 0, len(text), 0, counter) if text[p[0] : p[1]].strip()
+        ]
         sizes = [counter.count(*p) for p in pieces]
         chunks: list[Span] = []
         i = 0

@@ -21,8 +21,14 @@ from rag.index.embedder import MAX_WORDPIECES
 class SemanticChunker:
     name = "semantic"
 
-    def __init__(self, embedder, size: int = 200, percentile: float = 90.0,
-                 max_tokens: int = MAX_WORDPIECES, splitter: SentenceSplitter | None = None):
+    def __init__(
+        self,
+        embedder,
+        size: int = 200,
+        percentile: float = 90.0,
+        max_tokens: int = MAX_WORDPIECES,
+        splitter: SentenceSplitter | None = None,
+    ):
         self.embedder = embedder
         self.size = size
         self.percentile = percentile
@@ -41,11 +47,14 @@ class SemanticChunker:
         cut = np.percentile(dist, self.percentile)
         boundaries = [int(i) for i in np.nonzero(dist > cut)[0]]
         counter = TokenCounter(self.embedder.tokenizer, text)
-        return merge_meta_chunks(text, sentences, boundaries, counter, self.size, self.max_tokens,
-                                 dist.tolist() + [0.0])
+        return merge_meta_chunks(
+            text, sentences, boundaries, counter, self.size, self.max_tokens, dist.tolist() + [0.0]
+        )
 
 
-@lru_cache(maxsize=16)  # a chunk-size sweep splits the same texts again: their sentences are embedded once
+@lru_cache(
+    maxsize=16
+)  # a chunk-size sweep splits the same texts again: their sentences are embedded once
 def sentence_distances(embedder, text: str, sentences: tuple[Span, ...]) -> np.ndarray:
     vecs = embedder.embed([text[s:e] for s, e in sentences], batch_size=64)  # normalized
     out = 1.0 - np.einsum("ij,ij->i", vecs[:-1], vecs[1:])

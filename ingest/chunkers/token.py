@@ -16,12 +16,13 @@ class TokenChunker:
         self.overlap = overlap
 
     def split(self, text: str) -> list[Span]:
-        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
-                                 truncation=False)["offset_mapping"]
+        offsets = self.tokenizer(
+            text, add_special_tokens=False, return_offsets_mapping=True, truncation=False
+        )["offset_mapping"]
         spans = []
         step = self.size - self.overlap
         for i in range(0, len(offsets), step):
-            window = offsets[i:i + self.size]
+            window = offsets[i : i + self.size]
             # Extend to the next token's start so no character between windows is lost.
             end = offsets[i + self.size][0] if i + self.size < len(offsets) else len(text)
             start, end = strip_span(text, window[0][0] if i else 0, end)

@@ -50,9 +50,15 @@ class BlendResult:
 
 
 @torch.inference_mode()
-def blend_prefill(model: Transformer, cache: KVCache, prompt: Prompt,
-                  chunk_kvs: Iterable[ChunkKV | None], ratio: float,
-                  check_layer: int = CHECK_LAYER, gradual: int = 1) -> BlendResult:
+def blend_prefill(
+    model: Transformer,
+    cache: KVCache,
+    prompt: Prompt,
+    chunk_kvs: Iterable[ChunkKV | None],
+    ratio: float,
+    check_layer: int = CHECK_LAYER,
+    gradual: int = 1,
+) -> BlendResult:
     """Prefill everything after the (already cached) header by blending chunk caches.
 
     `cache` holds the header's K/V in slots [0, len(header)). `gradual` > 1 spreads the
@@ -68,8 +74,8 @@ def blend_prefill(model: Transformer, cache: KVCache, prompt: Prompt,
     exact = torch.zeros_like(cached)  # ... computed at this very position: nothing to fix
     for start, kv, chunk in zip(prompt.chunk_starts, chunk_kvs, prompt.chunks, strict=True):
         if kv is not None:
-            cached[start - h:start - h + len(chunk)] = True
-            exact[start - h:start - h + len(chunk)] = kv.base_position == start
+            cached[start - h : start - h + len(chunk)] = True
+            exact[start - h : start - h + len(chunk)] = kv.base_position == start
     forced = ~cached  # question + uncached chunks: computed in every layer
     n_reused = int(cached.sum())
     target = math.ceil(ratio * n_reused) if n_reused else 0
@@ -91,8 +97,9 @@ def blend_prefill(model: Transformer, cache: KVCache, prompt: Prompt,
         # Rank by the attention the question pays each token in the layers where a kept
         # token's fresh K/V will be read: score[l] sums layers >= l, and at layer 0 (exact
         # K/V) it counts from layer 1.
-        seen = torch.cat([torch.ones(h, dtype=torch.bool, device=device),
-                          cached[:prompt.context_end - h]])
+        seen = torch.cat(
+            [torch.ones(h, dtype=torch.bool, device=device), cached[: prompt.context_end - h]]
+        )
         mass = question_attention(model, cache, prompt, seen)[:, h:]
         score = mass.flip(0).cumsum(0).flip(0)
         score[0] = score[1]

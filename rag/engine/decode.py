@@ -36,8 +36,13 @@ class DecodeResult:
 class _Output:
     """Collects tokens and applies the stop rules, one token at a time."""
 
-    def __init__(self, tokenizer: ChatTokenizer, max_new_tokens: int, stop: list[str] | None,
-                 on_text: Callable[[str], bool | None] | None):
+    def __init__(
+        self,
+        tokenizer: ChatTokenizer,
+        max_new_tokens: int,
+        stop: list[str] | None,
+        on_text: Callable[[str], bool | None] | None,
+    ):
         self.tok = tokenizer
         self.max_new = max_new_tokens
         self.stop = [s for s in (stop or []) if s]
@@ -58,8 +63,8 @@ class _Output:
             new_text = self.tok.decode(self.ids)
             cuts = [new_text.find(s) for s in self.stop if s in new_text]
             if cuts:
-                new_text, self.finish = new_text[:min(cuts)], "stop"
-            delta, self.text = new_text[len(self.text):], new_text
+                new_text, self.finish = new_text[: min(cuts)], "stop"
+            delta, self.text = new_text[len(self.text) :], new_text
             if delta and self.on_text is not None and self.on_text(delta) is False:
                 self.finish = "cancelled"
                 return False
@@ -121,8 +126,15 @@ def decode(
             continue
         tree_ids = torch.tensor(tree.tokens, device=model.device)
         positions = torch.tensor(tree.depths, device=model.device) + pos
-        rows = step(tree_ids, cache, pos, positions=positions, mask=tree.mask(pos).to(model.device), base=start,
-                    all_logits=True)
+        rows = step(
+            tree_ids,
+            cache,
+            pos,
+            positions=positions,
+            mask=tree.mask(pos).to(model.device),
+            base=start,
+            all_logits=True,
+        )
         if temperature <= 0:
             greedy = rows.argmax(-1).tolist()
             path, new = tree.walk(greedy.__getitem__)
@@ -138,9 +150,14 @@ def decode(
     return res
 
 
-def new_drafter(context: Sequence[int], temperature: float, lookahead: bool | None,
-                step: DecodeStep | NativeDecodeStep, device: torch.device,
-                memory: AnswerMemory | None = None) -> Lookahead | None:
+def new_drafter(
+    context: Sequence[int],
+    temperature: float,
+    lookahead: bool | None,
+    step: DecodeStep | NativeDecodeStep,
+    device: torch.device,
+    memory: AnswerMemory | None = None,
+) -> Lookahead | None:
     """Lookahead is on by default for greedy decoding where it is lossless: on CPU, where the
     decode step makes a draft row bitwise equal to a plain step. On CUDA the matmul kernels
     change with the row count, so a bf16 draft row can differ in the last bit and flip a

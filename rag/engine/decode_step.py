@@ -33,16 +33,24 @@ class DecodeAttention:
     """Float32 attention of each row over the prompt slots [0, base) and its own tail of slots
     (see `attend_rows`)."""
 
-    def __init__(self, base: int, tail_idx: torch.Tensor | None, tail_mask: torch.Tensor,
-                 n_kv_heads: int):
-        self.base, self.tail_idx, self.tail_mask, self.n_kv_heads = base, tail_idx, tail_mask, n_kv_heads
+    def __init__(
+        self, base: int, tail_idx: torch.Tensor | None, tail_mask: torch.Tensor, n_kv_heads: int
+    ):
+        self.base, self.tail_idx, self.tail_mask, self.n_kv_heads = (
+            base,
+            tail_idx,
+            tail_mask,
+            n_kv_heads,
+        )
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
         _, h, r, d = q.shape
         kh = self.n_kv_heads
         # [KH, R, G, D]: a KV head's query group as rows, so K/V are never repeated.
         rows = q[0].view(kh, h // kh, r, d).transpose(1, 2).float()
-        out = attend_rows(rows, k[0], v[0], self.base, self.tail_idx, self.tail_mask, d ** -0.5)
+        out = attend_rows(rows, k[0], v[0], self.base, self.tail_idx, self.tail_mask, d**-0.5)
         return out.transpose(1, 2).reshape(1, h, r, d).to(q.dtype)
 
     def rows(self, keep: torch.Tensor | slice, slots: torch.Tensor) -> DecodeAttention:
@@ -69,8 +77,9 @@ class DecodeStep:
         return self._cos[positions], self._sin[positions]
 
     @staticmethod
-    def _tails(cache: KVCache, base: int, start: int, t: int, rows: int,
-               mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def _tails(
+        cache: KVCache, base: int, start: int, t: int, rows: int, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Each row's keys past `base` in plain-step order (lookahead.tree_tails), padded to one
         width per generation (the buffer's free room), the padding masked out.
 
@@ -85,15 +94,23 @@ class DecodeStep:
             return None, add.to(cache.k.device)
         tails, lengths = tree_tails(mask, base, start)
         idx = torch.full((rows, width), start, dtype=torch.long)
-        idx[:, :tails.shape[1]] = tails[own]
+        idx[:, : tails.shape[1]] = tails[own]
         hidden = torch.arange(width)[None, :] >= lengths[own][:, None]
         add = torch.zeros(rows, width).masked_fill_(hidden, float("-inf"))
         return idx.to(cache.k.device), add.to(cache.k.device)
 
     @torch.inference_mode()
-    def __call__(self, ids: torch.Tensor, cache: KVCache, start: int, *,
-                 positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                 all_logits: bool = False, base: int | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        ids: torch.Tensor,
+        cache: KVCache,
+        start: int,
+        *,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        all_logits: bool = False,
+        base: int | None = None,
+    ) -> torch.Tensor:
         """Tokens `ids` [T] into slots start..start+T; logits float32 [T or 1, V].
 
         Positions default to the slots (a plain step); a draft tree passes its own
@@ -116,12 +133,18 @@ class DecodeStep:
         attention = DecodeAttention(base, tail_idx, tail_mask, model.args.n_kv_heads)
         ctx = Context(cache, positions, slots, cos, sin, attention)
         logits = model.logits(model.run(ids[None], ctx)[0])
-        return logits[:t] if all_logits else logits[t - 1:t]
+        return logits[:t] if all_logits else logits[t - 1 : t]
 
 
-def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, base: int,
-                tail_idx: torch.Tensor | None, tail_mask: torch.Tensor,
-                scale: float) -> torch.Tensor:
+def attend_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    base: int,
+    tail_idx: torch.Tensor | None,
+    tail_mask: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     """Float32 attention of q [KH, R, G, D] over the prompt slots [0, base) of k, v [KH, S, D]
     and each row's own tail of slots `tail_idx` [R, W] (None: slots base.. for every row);
     returns [KH, R, G, D].
@@ -133,8 +156,8 @@ def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, base: int,
     kh, r, g, d = q.shape
     if tail_idx is None:  # the same contiguous tail for each row, laid out as a gathered one
         w = tail_mask.shape[1]
-        kt = k[:, None, base:base + w].expand(kh, r, w, d).float().contiguous()
-        vt = v[:, None, base:base + w].expand(kh, r, w, d).float().contiguous()
+        kt = k[:, None, base : base + w].expand(kh, r, w, d).float().contiguous()
+        vt = v[:, None, base : base + w].expand(kh, r, w, d).float().contiguous()
     else:
         kt, vt = k[:, tail_idx].float(), v[:, tail_idx].float()  # [KH, R, W, D]
     tail = torch.matmul(q, kt.transpose(2, 3)) * scale + tail_mask[None, :, None, :]

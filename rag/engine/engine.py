@@ -34,8 +34,11 @@ from rag.model.loader import LoadedModel
 log = logging.getLogger(__name__)
 
 # Chunk K/V are stored in 16 bits whatever the compute dtype.
-KV_STORE_DTYPE = {torch.float32: torch.bfloat16, torch.bfloat16: torch.bfloat16,
-                  torch.float16: torch.float16}
+KV_STORE_DTYPE = {
+    torch.float32: torch.bfloat16,
+    torch.bfloat16: torch.bfloat16,
+    torch.float16: torch.float16,
+}
 
 
 @dataclass
@@ -48,8 +51,13 @@ class Prefill:
 
 
 class Engine:
-    def __init__(self, lm: LoadedModel, system_prompt: str, max_context: int = 8192,
-                 store: TieredStore | None = None):
+    def __init__(
+        self,
+        lm: LoadedModel,
+        system_prompt: str,
+        max_context: int = 8192,
+        store: TieredStore | None = None,
+    ):
         self.lm = lm
         self.model = lm.model
         self.tokenizer = lm.tokenizer
@@ -85,16 +93,18 @@ class Engine:
 
     # -- chunk caches -------------------------------------------------------------
     def chunk_key(self, chunk_ids: list[int]) -> str:
-        return chunk_key(self.fingerprint, self.prompts.header_fingerprint, chunk_ids,
-                         LAYOUT_VERSION)
+        return chunk_key(
+            self.fingerprint, self.prompts.header_fingerprint, chunk_ids, LAYOUT_VERSION
+        )
 
     @torch.inference_mode()
     def chunk_kv(self, chunk_ids: list[int]) -> ChunkKV:
         """A chunk's K/V computed right behind the header (whose own K/V is dropped)."""
         h = len(self.prompts.header)
         cache = self.new_cache(h + len(chunk_ids))
-        self.model(torch.tensor([chunk_ids], device=self.model.device), cache, h,
-                   logits_for=slice(0, 0))
+        self.model(
+            torch.tensor([chunk_ids], device=self.model.device), cache, h, logits_for=slice(0, 0)
+        )
         k, v = cache.view(h, h + len(chunk_ids))
         kv = ChunkKV(k.to(self.kv_dtype).clone(), v.to(self.kv_dtype).clone(), base_position=h)
         self.release(cache)
@@ -111,8 +121,9 @@ class Engine:
         request.store = request.store or self.store.begin_request()
         keys = [self.chunk_key(ids) for ids in prompt.chunks]
         computed: dict[str, ChunkKV] = {}
-        for key, ids, kv in zip(keys, prompt.chunks, self.store.stream(keys, request.store),
-                                strict=True):
+        for key, ids, kv in zip(
+            keys, prompt.chunks, self.store.stream(keys, request.store), strict=True
+        ):
             if kv is not None and not self._matches(kv, ids, key):
                 kv = None
             if kv is None:
@@ -148,13 +159,20 @@ class Engine:
     # -- prefill ------------------------------------------------------------------
     def check_fits(self, prompt: Prompt) -> None:
         if len(prompt) > self.max_context:
-            raise PromptTooLong(f"prompt of {len(prompt)} tokens exceeds the context limit "
-                                f"{self.max_context}")
+            raise PromptTooLong(
+                f"prompt of {len(prompt)} tokens exceeds the context limit {self.max_context}"
+            )
 
     @torch.inference_mode()
-    def prefill(self, prompt: Prompt, mode: str = "full", ratio: float = 0.15,
-                chunk_kvs: Iterable[ChunkKV | None] | None = None, extra_slots: int = 0,
-                gradual: int = 1) -> Prefill:
+    def prefill(
+        self,
+        prompt: Prompt,
+        mode: str = "full",
+        ratio: float = 0.15,
+        chunk_kvs: Iterable[ChunkKV | None] | None = None,
+        extra_slots: int = 0,
+        gradual: int = 1,
+    ) -> Prefill:
         """K/V of the whole prompt in a new request buffer, and the question's next-token
         logits. `chunk_kvs` (blend and reuse) default to computing each chunk's."""
         if mode not in MODES:
@@ -168,10 +186,12 @@ class Engine:
             n = len(prompt) - h
             return Prefill(cache, logits, reused=0, recomputed=n, computed=n)
         kvs = chunk_kvs if chunk_kvs is not None else [self.chunk_kv(c) for c in prompt.chunks]
-        r = blend_prefill(self.model, cache, prompt, kvs, 0.0 if mode == "reuse" else ratio,
-                          gradual=gradual)
-        return Prefill(cache, r.logits, reused=r.reused, recomputed=r.recomputed,
-                       computed=r.computed)
+        r = blend_prefill(
+            self.model, cache, prompt, kvs, 0.0 if mode == "reuse" else ratio, gradual=gradual
+        )
+        return Prefill(
+            cache, r.logits, reused=r.reused, recomputed=r.recomputed, computed=r.computed
+        )
 
     # -- generation ---------------------------------------------------------------
     def prompt(self, chunk_texts: list[str], question: str) -> Prompt:
@@ -187,20 +207,39 @@ class Engine:
         t0 = time.perf_counter()
         blended = request.mode != "full" and prompt.chunks
         kvs = self.chunk_kvs(prompt, request) if blended else None
-        pre = self.prefill(prompt, request.mode, request.ratio, kvs, extra_slots=room,
-                           gradual=request.gradual)
+        pre = self.prefill(
+            prompt, request.mode, request.ratio, kvs, extra_slots=room, gradual=request.gradual
+        )
         # The drafter's trie is built before the first token: prefill time.
-        drafter = new_drafter(prompt.ids()[len(prompt.header):], p.temperature, p.lookahead,
-                              self.step, self.model.device, self.answers)
+        drafter = new_drafter(
+            prompt.ids()[len(prompt.header) :],
+            p.temperature,
+            p.lookahead,
+            self.step,
+            self.model.device,
+            self.answers,
+        )
         t_decode = request.mark("prefill", t0)
         request.timings_ms["kv_load"] = request.store.wait_ms if request.store else 0.0
         request.prompt_tokens = len(prompt)
         request.reused_tokens, request.recomputed_tokens = pre.reused, pre.recomputed
         request.computed_tokens = pre.computed
         request.cached_prompt_tokens = len(prompt.header) + pre.reused - pre.recomputed
-        r = decode(self.model, self.step, self.tokenizer, pre.cache, pre.logits[-1], len(prompt),
-                   room, temperature=p.temperature, top_p=p.top_p, stop=p.stop,
-                   on_text=request.on_text, seed=p.seed, drafter=drafter)
+        r = decode(
+            self.model,
+            self.step,
+            self.tokenizer,
+            pre.cache,
+            pre.logits[-1],
+            len(prompt),
+            room,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            stop=p.stop,
+            on_text=request.on_text,
+            seed=p.seed,
+            drafter=drafter,
+        )
         self.release(pre.cache)
         if drafter is not None:  # only where Lookahead runs: elsewhere nothing reads it
             self.answers.add(r.ids)
@@ -208,8 +247,9 @@ class Engine:
         request.timings_ms["ttft"] = 1000 * (first - request.started)
         request.mark("decode", t_decode)
         request.output_ids, request.text = r.ids, r.text.strip()
-        request.finish_reason = "context" if room < p.max_new_tokens and r.finish == "length" \
-            else r.finish
+        request.finish_reason = (
+            "context" if room < p.max_new_tokens and r.finish == "length" else r.finish
+        )
         request.decode_steps, request.accepted_drafts = r.steps, r.accepted
         request.done()
         return request

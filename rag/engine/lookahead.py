@@ -54,7 +54,7 @@ class NgramTrie:
         n-grams, counted no more often than it, have gone with it)."""
         for i in range(len(tokens)):
             node = self.root
-            for t in tokens[i:i + self.depth]:
+            for t in tokens[i : i + self.depth]:
                 kid = node.kids[t]
                 kid.count -= 1
                 if kid.count == 0:
@@ -91,7 +91,7 @@ class TrieStream:
                 kid = node.kids[token] = _Node()
             kid.count += 1
             grown.append(kid)
-        self.open = grown[:self.trie.depth - 1]
+        self.open = grown[: self.trie.depth - 1]
 
 
 class AnswerMemory:
@@ -100,7 +100,9 @@ class AnswerMemory:
     Drafts only decide speed, never the output, so what one request leaves here changes no
     other request's answer."""
 
-    def __init__(self, size: int = 64, depth: int = 8):  # depth: Lookahead's longest suffix + largest budget
+    def __init__(
+        self, size: int = 64, depth: int = 8
+    ):  # depth: Lookahead's longest suffix + largest budget
         self.trie = NgramTrie(depth)
         self.answers: deque[list[int]] = deque()
         self.size = size
@@ -125,8 +127,10 @@ def tree_tails(mask: torch.Tensor, base: int, start: int) -> tuple[torch.Tensor,
     lengths = torch.zeros(t, dtype=torch.long)
     idx[:, :n] = torch.arange(base, start)
     for j in range(t):
-        own = torch.nonzero(mask[j, start:start + t]).squeeze(1) + start  # slot order = depth order
-        idx[j, n:n + len(own)] = own
+        own = (
+            torch.nonzero(mask[j, start : start + t]).squeeze(1) + start
+        )  # slot order = depth order
+        idx[j, n : n + len(own)] = own
         lengths[j] = n + len(own)
     return idx, lengths
 
@@ -210,9 +214,18 @@ class Lookahead:
     # Defaults tuned offline on the greedy answers to 40 COVID-QA and 8 sample questions (~2K
     # tokens of context) against the measured cost of verifying T rows on this 2-core AVX2 CPU,
     # 1 + (0.09 .. 0.14) (T - 1) single steps: small trees of likely nodes pay, big ones do not.
-    def __init__(self, context: Sequence[int] = (), *, memory: AnswerMemory | None = None, budget: int = 4,
-                 max_depth: int = 8, max_prefix: int = 4, min_prefix: int = 1, decay: float = 0.9,
-                 min_p: float = 0.2):
+    def __init__(
+        self,
+        context: Sequence[int] = (),
+        *,
+        memory: AnswerMemory | None = None,
+        budget: int = 4,
+        max_depth: int = 8,
+        max_prefix: int = 4,
+        min_prefix: int = 1,
+        decay: float = 0.9,
+        min_p: float = 0.2,
+    ):
         self.budget = budget
         self.max_depth = max_depth
         self.max_prefix = max_prefix
@@ -233,7 +246,7 @@ class Lookahead:
         self.answer.push(token)
         self.recent.append(token)
         if len(self.recent) > 2 * self.max_prefix:
-            del self.recent[:-self.max_prefix]
+            del self.recent[: -self.max_prefix]
 
     def draft(self, root: int, room: int) -> DraftTree:
         """A draft tree after `root` (the last committed token) of at most `room` nodes, root included."""
@@ -256,7 +269,9 @@ class Lookahead:
         if not start:
             return []
         # Best-first by estimated chance: a child is never likelier than its parent, so parents come first.
-        heap: list[tuple[float, int, list[_Node], int, int, int]] = []  # (-p, tiebreak, nodes, token, parent, depth)
+        heap: list[
+            tuple[float, int, list[_Node], int, int, int]
+        ] = []  # (-p, tiebreak, nodes, token, parent, depth)
         order = 0
 
         def push_kids(nodes: list[_Node], p: float, parent: int, depth: int) -> None:

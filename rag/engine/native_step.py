@@ -41,9 +41,17 @@ ENTRY = {torch.bfloat16: "kvrag_decode_step_bf16", torch.float32: "kvrag_decode_
 
 class _Model(ctypes.Structure):
     _fields_ = [
-        ("n_layers", ctypes.c_int), ("dim", ctypes.c_int), ("ffn", ctypes.c_int), ("n_heads", ctypes.c_int),
-        ("n_kv", ctypes.c_int), ("head_dim", ctypes.c_int), ("vocab", ctypes.c_int), ("eps", ctypes.c_float),
-        ("embed", ctypes.c_void_p), ("norm", ctypes.c_void_p), ("lm_head", ctypes.c_void_p),
+        ("n_layers", ctypes.c_int),
+        ("dim", ctypes.c_int),
+        ("ffn", ctypes.c_int),
+        ("n_heads", ctypes.c_int),
+        ("n_kv", ctypes.c_int),
+        ("head_dim", ctypes.c_int),
+        ("vocab", ctypes.c_int),
+        ("eps", ctypes.c_float),
+        ("embed", ctypes.c_void_p),
+        ("norm", ctypes.c_void_p),
+        ("lm_head", ctypes.c_void_p),
         ("layers", ctypes.c_void_p),
     ]
 
@@ -68,7 +76,9 @@ def library() -> ctypes.CDLL | None:
         log.warning("no C compiler: decoding runs the PyTorch step (slower)")
         return None
     sources = b"".join(p.read_bytes() for p in sorted(SOURCE.parent.glob("decode_step*")))
-    key = hashlib.sha256(sources + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    key = hashlib.sha256(sources + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[
+        :16
+    ]
     cache_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvrag"
     lib = cache_dir / f"decode_step-{key}.so"
     if not lib.exists():
@@ -77,7 +87,9 @@ def library() -> ctypes.CDLL | None:
             cache_dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
             os.close(fd)
-            run = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+            run = subprocess.run(
+                [compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True
+            )
             error = run.stderr[-500:] if run.returncode else None
             if error is None:
                 os.replace(tmp, lib)  # atomic: concurrent builders agree on the file
@@ -86,7 +98,9 @@ def library() -> ctypes.CDLL | None:
         if error is not None:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
-            log.warning("building %s failed, decoding runs the PyTorch step: %s", SOURCE.name, error)
+            log.warning(
+                "building %s failed, decoding runs the PyTorch step: %s", SOURCE.name, error
+            )
             return None
     dll = ctypes.CDLL(str(lib))
     p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
@@ -98,9 +112,15 @@ def library() -> ctypes.CDLL | None:
 
 def supports(model: Transformer) -> bool:
     a = model.args
-    return (model.device.type == "cpu" and model.dtype in ENTRY and a.head_dim == 64
-            and a.dim % 32 == 0 and a.ffn_dim % 32 == 0 and a.n_heads % a.n_kv_heads == 0
-            and a.q_per_kv <= 8)
+    return (
+        model.device.type == "cpu"
+        and model.dtype in ENTRY
+        and a.head_dim == 64
+        and a.dim % 32 == 0
+        and a.ffn_dim % 32 == 0
+        and a.n_heads % a.n_kv_heads == 0
+        and a.q_per_kv <= 8
+    )
 
 
 def for_model(model: Transformer) -> NativeDecodeStep | None:
@@ -133,25 +153,55 @@ class NativeDecodeStep:
 
         rows = []
         for layer in model.layers:
-            rows.append([ptr(layer.attn_norm.weight), ptr(layer.wqkv.weight), ptr(layer.wqkv.bias), ptr(layer.wo.weight),
-                         ptr(layer.mlp_norm.weight), ptr(layer.w_gate.weight), ptr(layer.w_up.weight),
-                         ptr(layer.w_down.weight)])
+            rows.append(
+                [
+                    ptr(layer.attn_norm.weight),
+                    ptr(layer.wqkv.weight),
+                    ptr(layer.wqkv.bias),
+                    ptr(layer.wo.weight),
+                    ptr(layer.mlp_norm.weight),
+                    ptr(layer.w_gate.weight),
+                    ptr(layer.w_up.weight),
+                    ptr(layer.w_down.weight),
+                ]
+            )
         self._layers = torch.tensor(rows, dtype=torch.int64)
-        self._model = _Model(a.n_layers, a.dim, a.ffn_dim, a.n_heads, a.n_kv_heads, a.head_dim, a.vocab_size,
-                             a.norm_eps, ptr(model.embed.weight), ptr(model.norm.weight),
-                             ptr(model.lm_head.weight), self._layers.data_ptr())
+        self._model = _Model(
+            a.n_layers,
+            a.dim,
+            a.ffn_dim,
+            a.n_heads,
+            a.n_kv_heads,
+            a.head_dim,
+            a.vocab_size,
+            a.norm_eps,
+            ptr(model.embed.weight),
+            ptr(model.norm.weight),
+            ptr(model.lm_head.weight),
+            self._layers.data_ptr(),
+        )
         self._cos = self._sin = torch.empty(0, a.head_dim)
 
     def _rope_table(self, n: int) -> None:
         if self._cos.shape[0] < n:
             n = max(n, 2 * self._cos.shape[0], 256)
-            cos, sin = rope_cos_sin(self.model.inv_freq.float().cpu(), torch.arange(n), self.args.rope_scale)
+            cos, sin = rope_cos_sin(
+                self.model.inv_freq.float().cpu(), torch.arange(n), self.args.rope_scale
+            )
             self._cos, self._sin = cos.float().contiguous(), sin.float().contiguous()
 
     @torch.inference_mode()
-    def __call__(self, ids: torch.Tensor, cache: KVCache, start: int, *,
-                 positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                 all_logits: bool = False, base: int | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        ids: torch.Tensor,
+        cache: KVCache,
+        start: int,
+        *,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        all_logits: bool = False,
+        base: int | None = None,
+    ) -> torch.Tensor:
         """As DecodeStep.__call__: tokens `ids` [T] into slots start..start+T, logits float32 [T or 1, V]."""
         a = self.args
         base = start if base is None else base
@@ -159,9 +209,17 @@ class NativeDecodeStep:
         end = start + t
         cache.ensure(end)
         k, v = cache.k, cache.v
-        if (k.dtype != self.model.dtype or v.dtype != k.dtype or k.stride() != v.stride() or k.stride(4) != 1
-                or k.stride(3) != a.head_dim or k.shape[1] != 1):
-            raise ValueError("the native step needs batch-1 K/V buffers in the model's dtype with contiguous slots")
+        if (
+            k.dtype != self.model.dtype
+            or v.dtype != k.dtype
+            or k.stride() != v.stride()
+            or k.stride(4) != 1
+            or k.stride(3) != a.head_dim
+            or k.shape[1] != 1
+        ):
+            raise ValueError(
+                "the native step needs batch-1 K/V buffers in the model's dtype with contiguous slots"
+            )
         pos = torch.arange(start, end) if positions is None else positions.to(torch.int64).cpu()
         self._rope_table(int(pos.max()) + 1)
         ids = ids.to(torch.int64).cpu().contiguous()
@@ -172,16 +230,42 @@ class NativeDecodeStep:
             tail, tail_len = (x.to(torch.int32).contiguous() for x in tree_tails(mask, base, start))
         scores_width = (end + 15) // 16 * 16
         qkv_dim = (a.n_heads + 2 * a.n_kv_heads) * a.head_dim
-        per_row = (a.dim + 3 * a.ffn_dim + qkv_dim + a.n_heads * a.head_dim + a.n_heads * scores_width
-                   + a.n_heads + width + 1 + a.ffn_dim)
+        per_row = (
+            a.dim
+            + 3 * a.ffn_dim
+            + qkv_dim
+            + a.n_heads * a.head_dim
+            + a.n_heads * scores_width
+            + a.n_heads
+            + width
+            + 1
+            + a.ffn_dim
+        )
         scratch = torch.empty(t * per_row + 16, dtype=torch.float32)  # + 16: room to align
         n_out = t if all_logits else 1
         logits = torch.empty(n_out, a.vocab_size, dtype=torch.float32)
         rc = self.run(
-            ctypes.byref(self._model), ids.data_ptr(), pos.data_ptr(), t, self._cos.data_ptr(), self._sin.data_ptr(),
-            k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(2), start, base,
-            tail.data_ptr() if tail is not None else None, tail_len.data_ptr() if tail_len is not None else None,
-            width, scratch.data_ptr(), scores_width, logits.data_ptr(), int(all_logits), torch.get_num_threads())
+            ctypes.byref(self._model),
+            ids.data_ptr(),
+            pos.data_ptr(),
+            t,
+            self._cos.data_ptr(),
+            self._sin.data_ptr(),
+            k.data_ptr(),
+            v.data_ptr(),
+            k.stride(0),
+            k.stride(2),
+            start,
+            base,
+            tail.data_ptr() if tail is not None else None,
+            tail_len.data_ptr() if tail_len is not None else None,
+            width,
+            scratch.data_ptr(),
+            scores_width,
+            logits.data_ptr(),
+            int(all_logits),
+            torch.get_num_threads(),
+        )
         if rc != 0:
             raise RuntimeError(f"native decode step failed ({rc})")
         cache.length = max(cache.length, end)

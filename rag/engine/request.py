@@ -70,14 +70,22 @@ class Request:
     def usage(self) -> dict:
         """OpenAI's usage object."""
         n = len(self.output_ids)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n,
-                "total_tokens": self.prompt_tokens + n,
-                "prompt_tokens_details": {"cached_tokens": self.cached_prompt_tokens}}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": n,
+            "total_tokens": self.prompt_tokens + n,
+            "prompt_tokens_details": {"cached_tokens": self.cached_prompt_tokens},
+        }
 
     def cache_report(self) -> dict:
         """What the request reused and recomputed, and what each store tier served it."""
-        return {"kv_hits": self.chunk_hits, "kv_misses": self.chunk_misses,
-                "reused_tokens": self.reused_tokens, "recomputed_tokens": self.recomputed_tokens,
-                "computed_tokens": self.computed_tokens, "decode_steps": self.decode_steps,
-                "draft_accepted_tokens": self.accepted_drafts,
-                "tiers": self.store.served() if self.store is not None else {}}
+        return {
+            "kv_hits": self.chunk_hits,
+            "kv_misses": self.chunk_misses,
+            "reused_tokens": self.reused_tokens,
+            "recomputed_tokens": self.recomputed_tokens,
+            "computed_tokens": self.computed_tokens,
+            "decode_steps": self.decode_steps,
+            "draft_accepted_tokens": self.accepted_drafts,
+            "tiers": self.store.served() if self.store is not None else {},
+        }

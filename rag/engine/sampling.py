@@ -5,8 +5,12 @@ from __future__ import annotations
 import torch
 
 
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> int:
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> int:
     """logits [V] (float32) -> token id."""
     if temperature <= 0:
         return int(logits.argmax())

@@ -39,27 +39,30 @@ class AttentionProbe:
         self.later = torch.ones(t, t, dtype=torch.bool, device=model.device).triu(1)
         self.mass: list[torch.Tensor] = []
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
         kh, t, d = self.n_kv_heads, self.end - self.start, self.head_dim
         rep = self.n_heads // kh
         # The query heads that share a KV head as the rows of one matrix: K is never copied
         # per head. In the model's dtype: softmax computes in float32 inside, and a ranking
         # needs no more.
-        qg = q.reshape(kh, rep * t, d) * d ** -0.5
-        s = torch.bmm(qg, k[0, :, :self.end].transpose(-1, -2))
-        s[..., self.start:].view(kh, rep, t, t).masked_fill_(self.later, float("-inf"))
+        qg = q.reshape(kh, rep * t, d) * d**-0.5
+        s = torch.bmm(qg, k[0, :, : self.end].transpose(-1, -2))
+        s[..., self.start :].view(kh, rep, t, t).masked_fill_(self.later, float("-inf"))
         if len(self.unseen):
             s[..., self.unseen] = float("-inf")
         p = s.softmax(-1)
         self.mass.append(p.sum(1).float().sum(0) / (self.n_heads * t))
-        return (p @ v[0, :, :self.end]).view(1, self.n_heads, t, d)
+        return (p @ v[0, :, : self.end]).view(1, self.n_heads, t, d)
 
     def rows(self, keep: torch.Tensor | slice, slots: torch.Tensor) -> AttentionProbe:
         raise NotImplementedError("the question pass computes every question token")
 
 
-def question_attention(model: Transformer, cache: KVCache, prompt: Prompt,
-                       visible: torch.Tensor) -> torch.Tensor:
+def question_attention(
+    model: Transformer, cache: KVCache, prompt: Prompt, visible: torch.Tensor
+) -> torch.Tensor:
     """[n_layers, len(prompt)]: the attention each slot gets from the question tokens in each
     layer, running the question alone over `cache`, where only the context slots marked
     `visible` [context_end] hold K/V.
@@ -86,8 +89,13 @@ class Selector:
     chunks) and the reused ones that score best for the layers from there on. Tracks which
     tokens are computed, and each layer's token count and wall time."""
 
-    def __init__(self, score: torch.Tensor, forced: torch.Tensor, checks: dict[int, int],
-                 active: torch.Tensor):
+    def __init__(
+        self,
+        score: torch.Tensor,
+        forced: torch.Tensor,
+        checks: dict[int, int],
+        active: torch.Tensor,
+    ):
         self.score = score  # [n_layers, n]: a token's value if recomputed from that layer on
         self.forced = forced  # [n] bool
         self.checks = checks  # layer -> reused tokens kept from it on

@@ -15,10 +15,14 @@ from rag.engine.prompt import Prompt
 from rag.model.kv_cache import KVCache
 from rag.model.layers import rope_cos_sin
 
-ROTATE_LAYERS = 2  # layers re-rotated at a time: a 512-token chunk's float32 temporaries stay in cache
+ROTATE_LAYERS = (
+    2  # layers re-rotated at a time: a 512-token chunk's float32 temporaries stay in cache
+)
 
 
-def rerotate(k: torch.Tensor, delta: int, inv_freq: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def rerotate(
+    k: torch.Tensor, delta: int, inv_freq: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Keys rotated at positions p -> rotated at p + delta (exact: rotations compose).
 
     k [n_layers, ...]. Computed in float32 (16-bit keys are promoted) and rounded once, into
@@ -35,15 +39,16 @@ def rerotate(k: torch.Tensor, delta: int, inv_freq: torch.Tensor, out: torch.Ten
     cos, sin = rope_cos_sin(inv_freq.to(k.device), torch.tensor([delta], device=k.device))
     c, s = cos[0, :half], sin[0, :half]  # rope_cos_sin repeats its halves
     for i in range(0, k.shape[0], ROTATE_LAYERS):
-        part, o = k[i:i + ROTATE_LAYERS].float(), out[i:i + ROTATE_LAYERS]
+        part, o = k[i : i + ROTATE_LAYERS].float(), out[i : i + ROTATE_LAYERS]
         k1, k2 = part[..., :half], part[..., half:]
         o[..., :half] = k1 * c - k2 * s
         o[..., half:] = k2 * c + k1 * s
     return out
 
 
-def stitch(cache: KVCache, prompt: Prompt, chunk_kvs: Iterable[ChunkKV | None],
-           inv_freq: torch.Tensor) -> list[ChunkKV | None]:
+def stitch(
+    cache: KVCache, prompt: Prompt, chunk_kvs: Iterable[ChunkKV | None], inv_freq: torch.Tensor
+) -> list[ChunkKV | None]:
     """Place each cached chunk's K/V at its position in this prompt (an uncached chunk's slots
     keep the buffer's zeros until the blend computes them).
 

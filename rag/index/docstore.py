@@ -58,7 +58,9 @@ class Docstore:
     def __init__(self, path: Path | str, readonly: bool = False):
         self.path = Path(path)
         if readonly:
-            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+            self.db = sqlite3.connect(
+                f"file:{self.path}?mode=ro", uri=True, check_same_thread=False
+            )
         else:
             self.db = sqlite3.connect(self.path, check_same_thread=False)
             self.db.executescript(SCHEMA)
@@ -74,13 +76,16 @@ class Docstore:
         """n fresh chunk ids from a counter that only grows (never reused after delete)."""
         row = self.db.execute("SELECT value FROM meta WHERE key = 'next_chunk_id'").fetchone()
         first = int(row[0]) if row else 1
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('next_chunk_id', ?)", (str(first + n),))
+        self.db.execute(
+            "INSERT OR REPLACE INTO meta VALUES ('next_chunk_id', ?)", (str(first + n),)
+        )
         return list(range(first, first + n))
 
     # -- documents -----------------------------------------------------------
     def get_document(self, doc_id: str) -> Document | None:
         row = self.db.execute(
-            "SELECT doc_id, source, sha256, text, chunker FROM documents WHERE doc_id = ?", (doc_id,)
+            "SELECT doc_id, source, sha256, text, chunker FROM documents WHERE doc_id = ?",
+            (doc_id,),
         ).fetchone()
         return Document(*row) if row else None
 
@@ -96,12 +101,16 @@ class Docstore:
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
     def put_document(self, doc: Document, added_at: float) -> None:
-        self.db.execute("INSERT OR REPLACE INTO documents VALUES (?, ?, ?, ?, ?, ?)",
-                        (doc.doc_id, doc.source, doc.sha256, doc.text, doc.chunker, added_at))
+        self.db.execute(
+            "INSERT OR REPLACE INTO documents VALUES (?, ?, ?, ?, ?, ?)",
+            (doc.doc_id, doc.source, doc.sha256, doc.text, doc.chunker, added_at),
+        )
 
     def delete_document(self, doc_id: str) -> list[int]:
         """Remove a document and its chunks; returns the removed chunk ids."""
-        ids = [r[0] for r in self.db.execute("SELECT chunk_id FROM chunks WHERE doc_id = ?", (doc_id,))]
+        ids = [
+            r[0] for r in self.db.execute("SELECT chunk_id FROM chunks WHERE doc_id = ?", (doc_id,))
+        ]
         self.db.execute("DELETE FROM chunks WHERE doc_id = ?", (doc_id,))
         self.db.execute("DELETE FROM documents WHERE doc_id = ?", (doc_id,))
         return ids
@@ -110,7 +119,10 @@ class Docstore:
     def add_chunks(self, chunks: list[Chunk]) -> None:
         self.db.executemany(
             "INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [(c.chunk_id, c.doc_id, c.start, c.end, c.text, c.n_tokens, c.content_hash) for c in chunks],
+            [
+                (c.chunk_id, c.doc_id, c.start, c.end, c.text, c.n_tokens, c.content_hash)
+                for c in chunks
+            ],
         )
 
     def get_chunks(self, ids: list[int]) -> dict[int, Chunk]:
@@ -129,5 +141,7 @@ class Docstore:
 
     def counts(self) -> dict[str, int]:
         n_docs = self.db.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
-        n_chunks, n_tokens = self.db.execute("SELECT COUNT(*), COALESCE(SUM(n_tokens), 0) FROM chunks").fetchone()
+        n_chunks, n_tokens = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(n_tokens), 0) FROM chunks"
+        ).fetchone()
         return {"documents": n_docs, "chunks": n_chunks, "chunk_tokens": n_tokens}

@@ -20,7 +20,10 @@ class Embedder:
         self.path = path or default_embedder_path()
         self.model = SentenceTransformer(self.path, device=device, local_files_only=True)
         self.model.max_seq_length = MAX_WORDPIECES
-        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        get_dim = (
+            getattr(self.model, "get_embedding_dimension", None)
+            or self.model.get_sentence_embedding_dimension
+        )
         self.dim = get_dim()
         self.tokenizer = self.model.tokenizer
 
@@ -33,6 +36,11 @@ class Embedder:
         """L2-normalized float32 vectors [n, dim] (inner product = cosine)."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vecs = self.model.encode(texts, batch_size=batch_size, normalize_embeddings=True,
-                                 convert_to_numpy=True, show_progress_bar=progress)
+        vecs = self.model.encode(
+            texts,
+            batch_size=batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=progress,
+        )
         return np.ascontiguousarray(vecs, dtype=np.float32)

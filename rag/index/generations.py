@@ -47,7 +47,11 @@ class IndexGenerations:
         return docstore, VectorIndex.load(gen / FAISS, self.dim), lexical
 
     def _next_name(self) -> str:
-        gens = [int(p.name.split("-")[1]) for p in self.root.glob("gen-*") if p.name.split("-")[1].isdigit()]
+        gens = [
+            int(p.name.split("-")[1])
+            for p in self.root.glob("gen-*")
+            if p.name.split("-")[1].isdigit()
+        ]
         return f"gen-{max(gens, default=0) + 1:06d}"
 
     @contextlib.contextmanager
@@ -69,7 +73,9 @@ class IndexGenerations:
                 src.close()
                 dst.close()
             docstore = Docstore(new / DOCSTORE)
-            index = VectorIndex.load(current / FAISS, self.dim) if current else VectorIndex(self.dim)
+            index = (
+                VectorIndex.load(current / FAISS, self.dim) if current else VectorIndex(self.dim)
+            )
             yield docstore, index
             docstore.commit()
             _lexical(docstore).save(new / BM25)

@@ -14,7 +14,9 @@ import bm25s
 import numpy as np
 import Stemmer
 
-logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets DEBUG: a line on every index build
+logging.getLogger("bm25s").setLevel(
+    logging.WARNING
+)  # bm25s sets DEBUG: a line on every index build
 
 # Chinese (and other CJK ideographs) has no spaces: each character is a term; elsewhere
 # runs of two or more word characters, as bm25s does by default.
@@ -27,14 +29,22 @@ PARAMS = "params.index.json"  # one of the files BM25.save writes
 
 def terms(texts: list[str]) -> list[list[str]]:
     """Lower-cased, English stop words dropped, Snowball-stemmed terms of each text."""
-    return bm25s.tokenize(texts, token_pattern=TOKEN_PATTERN, stopwords="en", stemmer=_stemmer,
-                          return_ids=False, show_progress=False)
+    return bm25s.tokenize(
+        texts,
+        token_pattern=TOKEN_PATTERN,
+        stopwords="en",
+        stemmer=_stemmer,
+        return_ids=False,
+        show_progress=False,
+    )
 
 
 class LexicalIndex:
     def __init__(self, ids: list[int], texts: list[str]):
         self.ids = list(ids)
-        self.bm25: bm25s.BM25 | None = None  # None: no chunk has a term ("0.1.0"), nothing can match
+        self.bm25: bm25s.BM25 | None = (
+            None  # None: no chunk has a term ("0.1.0"), nothing can match
+        )
         corpus = terms(texts)
         if any(corpus):
             self.bm25 = bm25s.BM25()
@@ -61,5 +71,9 @@ class LexicalIndex:
         """Up to n (id, score), best first; only chunks that share a term with the query."""
         if self.bm25 is None or n <= 0:
             return []
-        rows, scores = self.bm25.retrieve(terms([query]), k=min(n, len(self.ids)), show_progress=False)
-        return [(self.ids[int(r)], float(s)) for r, s in zip(rows[0], scores[0], strict=True) if s > 0]
+        rows, scores = self.bm25.retrieve(
+            terms([query]), k=min(n, len(self.ids)), show_progress=False
+        )
+        return [
+            (self.ids[int(r)], float(s)) for r, s in zip(rows[0], scores[0], strict=True) if s > 0
+        ]

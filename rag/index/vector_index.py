@@ -24,9 +24,12 @@ class VectorIndex:
         if len(ids) == 0:
             return
         if vectors.shape != (len(ids), self.dim):
-            raise ValueError(f"expected vectors of shape ({len(ids)}, {self.dim}), got {vectors.shape}")
-        self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
-                                np.asarray(ids, dtype=np.int64))
+            raise ValueError(
+                f"expected vectors of shape ({len(ids)}, {self.dim}), got {vectors.shape}"
+            )
+        self.index.add_with_ids(
+            np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64)
+        )
 
     def remove(self, ids: list[int]) -> int:
         if not ids:

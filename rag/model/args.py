@@ -38,7 +38,7 @@ class ModelArgs:
         if rope_type == "default":
             theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
             exponents = torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim
-            inv_freq = 1.0 / (theta ** exponents)
+            inv_freq = 1.0 / (theta**exponents)
             scale = 1.0
         else:
             inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](cfg, "cpu")

@@ -43,8 +43,9 @@ class QueryGroup:
     matmul: bool = False
 
 
-def causal_groups(slots: torch.Tensor, contiguous_from: int | None, dtype: torch.dtype,
-                  fold: int = 1) -> list[QueryGroup]:
+def causal_groups(
+    slots: torch.Tensor, contiguous_from: int | None, dtype: torch.dtype, fold: int = 1
+) -> list[QueryGroup]:
     """How queries at sorted `slots` that see the keys in slots <= their own attend.
 
     Built once per forward (every layer attends the same way); folded for `fold` query heads
@@ -62,13 +63,16 @@ def causal_groups(slots: torch.Tensor, contiguous_from: int | None, dtype: torch
         dtype = torch.float32
     groups = []
     for g in range(0, t, ATTN_GROUP):
-        group = slots[g:g + ATTN_GROUP]
+        group = slots[g : g + ATTN_GROUP]
         end = int(group[-1]) + 1
         hidden = torch.arange(end, device=slots.device)[None, :] > group[:, None]
         mask = torch.zeros(hidden.shape, dtype=dtype, device=slots.device)
         mask.masked_fill_(hidden, float("-inf"))
-        groups.append(QueryGroup(slice(g, g + len(group)), end, mask.repeat(fold, 1), fold=fold,
-                                 matmul=matmul))
+        groups.append(
+            QueryGroup(
+                slice(g, g + len(group)), end, mask.repeat(fold, 1), fold=fold, matmul=matmul
+            )
+        )
     return groups
 
 
@@ -78,16 +82,21 @@ def _matmul_attention(device: torch.device, dtype: torch.dtype, keys: int) -> bo
     return device.type == "cpu" and dtype == torch.bfloat16 and keys > MATMUL_MIN_KEYS
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     groups: list[QueryGroup]) -> torch.Tensor:
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: list[QueryGroup]
+) -> torch.Tensor:
     """q [B, H, T, D]; k, v [B, KH, S, D] (the whole buffer); `groups` from causal_groups (or one
     group with a tree's mask)."""
     if groups[0].matmul:
-        k_t = k[:, :, :max(g.keys for g in groups)].transpose(-1, -2).float()  # once for all groups
-        outs = [_matmul_attend(q[:, :, g.rows], k_t[..., :g.keys], v[:, :, :g.keys], g)
-                for g in groups]
+        k_t = (
+            k[:, :, : max(g.keys for g in groups)].transpose(-1, -2).float()
+        )  # once for all groups
+        outs = [
+            _matmul_attend(q[:, :, g.rows], k_t[..., : g.keys], v[:, :, : g.keys], g)
+            for g in groups
+        ]
     else:
-        outs = [_attend(q[:, :, g.rows], k[:, :, :g.keys], v[:, :, :g.keys], g) for g in groups]
+        outs = [_attend(q[:, :, g.rows], k[:, :, : g.keys], v[:, :, : g.keys], g) for g in groups]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
@@ -100,15 +109,17 @@ def _folded(q: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: QueryGroup) -> torch.Tensor:
     if g.fold == 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, is_causal=g.is_causal,
-                                              enable_gqa=True)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=g.mask, is_causal=g.is_causal, enable_gqa=True
+        )
     with sdpa_kernel(_FOLDED_KERNELS) if q.is_cuda else nullcontext():
         out = F.scaled_dot_product_attention(_folded(q, k.shape[1]), k, v, attn_mask=g.mask)
     return out.reshape(q.shape)  # a copy only where the kernel wrote another layout (CUDA)
 
 
-def _matmul_attend(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor,
-                   g: QueryGroup) -> torch.Tensor:
+def _matmul_attend(
+    q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, g: QueryGroup
+) -> torch.Tensor:
     """A folded group's attention as matmuls: q [B, H, T, D] (bf16), k_t [B, KH, D, S] float32,
     v [B, KH, S, D]. Scores and softmax in float32 (as in SDPA's kernel), the probabilities
     rounded to q's dtype for the product with V (as SDPA does too), one KV head at a time so
@@ -128,12 +139,20 @@ class CausalAttention:
     tokens. The groups are built on first use (a blend that selects before layer 0 never
     needs the plan for every token)."""
 
-    def __init__(self, slots: torch.Tensor, contiguous_from: int | None, dtype: torch.dtype,
-                 fold: int):
-        self.slots, self.contiguous_from, self.dtype, self.fold = slots, contiguous_from, dtype, fold
+    def __init__(
+        self, slots: torch.Tensor, contiguous_from: int | None, dtype: torch.dtype, fold: int
+    ):
+        self.slots, self.contiguous_from, self.dtype, self.fold = (
+            slots,
+            contiguous_from,
+            dtype,
+            fold,
+        )
         self._groups: list[QueryGroup] | None = None
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
         if self._groups is None:
             self._groups = causal_groups(self.slots, self.contiguous_from, self.dtype, self.fold)
         return causal_attention(q, k, v, self._groups)
@@ -148,7 +167,9 @@ class MaskedAttention:
     def __init__(self, mask: torch.Tensor):
         self.mask = mask
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
         keys = self.mask.shape[1]
         group = QueryGroup(slice(0, q.shape[2]), keys, self.mask)
         return causal_attention(q, k, v, [group])

@@ -18,7 +18,9 @@ from rag.model.kv_cache import KVCache
 class Attention(Protocol):
     """How the queries of one forward attend over a layer's whole K/V buffer."""
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
         """q [B, H, T, D]; k, v [B, KH, S, D] -> [B, H, T, D]."""
         ...
 
@@ -58,5 +60,11 @@ class Context:
         """The context of a subset of the tokens (in order): the blend's selection, or the rows
         whose output the last layer computes."""
         slots = self.slot_tensor()[keep]
-        return Context(self.cache, self.positions[keep], slots, self.cos[keep], self.sin[keep],
-                       self.attention.rows(keep, slots))
+        return Context(
+            self.cache,
+            self.positions[keep],
+            slots,
+            self.cos[keep],
+            self.sin[keep],
+            self.attention.rows(keep, slots),
+        )

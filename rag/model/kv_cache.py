@@ -38,8 +38,10 @@ class KVCache:
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
         # Zeros, not empty: slots not yet written are read under a -inf mask (the decode step's
         # free room, the blend's uncached chunks in the question pass), and 0 * NaN is NaN.
-        return cls(torch.zeros(shape, dtype=dtype, device=device),
-                   torch.zeros(shape, dtype=dtype, device=device))
+        return cls(
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+        )
 
     @property
     def max_len(self) -> int:
@@ -49,7 +51,9 @@ class KVCache:
         if n_slots > self.max_len:
             raise ContextFull(f"needs {n_slots} KV slots, the buffer holds {self.max_len}")
 
-    def write(self, layer: int, slots: torch.Tensor | slice, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(
+        self, layer: int, slots: torch.Tensor | slice, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
         """k, v: [batch, n_kv_heads, n, head_dim] for the n given slots."""
         self.k[layer, :, :, slots] = k
         self.v[layer, :, :, slots] = v
@@ -58,8 +62,8 @@ class KVCache:
         """Copy all layers' K/V ([n_layers, n_kv_heads, n, head_dim]) into slots start..start+n."""
         n = k.shape[2]
         self.ensure(start + n)
-        self.k[:, 0, :, start:start + n] = k
-        self.v[:, 0, :, start:start + n] = v
+        self.k[:, 0, :, start : start + n] = k
+        self.v[:, 0, :, start : start + n] = v
 
     def view(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All layers' K/V of slots [start, end) for batch row 0: [n_layers, n_kv, n, head_dim]."""

@@ -57,8 +57,9 @@ class Block(nn.Module):
         a = self.a
         b, t, _ = x.shape
         qkv = self.wqkv(self.attn_norm(x))
-        q, k, v = qkv.split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim,
-                             a.n_kv_heads * a.head_dim], dim=-1)
+        q, k, v = qkv.split(
+            [a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], dim=-1
+        )
         q = q.view(b, t, a.n_heads, a.head_dim).transpose(1, 2)
         k = k.view(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)
         v = v.view(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)

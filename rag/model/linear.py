@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PACK_HINT = 8  # batch-size hint for the packed layout (the same speed from 1 to 2048 rows, measured)
+PACK_HINT = (
+    8  # batch-size hint for the packed layout (the same speed from 1 to 2048 rows, measured)
+)
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
@@ -22,7 +24,9 @@ def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
         return False
     if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32 or (
+        dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
 
 
 class Linear(nn.Linear):
@@ -34,16 +38,24 @@ class Linear(nn.Linear):
     def pack(self) -> None:
         """Make (or refresh) the packed copy, if this dtype and device have one; else drop it."""
         w = self.weight.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_HINT) if can_pack(w.dtype, w.device) else None
+        self.packed = (
+            torch.ops.mkldnn._reorder_linear_weight(w, PACK_HINT)
+            if can_pack(w.dtype, w.device)
+            else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)
 
-    def run(self, x: torch.Tensor, post: str = "none", other: torch.Tensor | None = None) -> torch.Tensor:
+    def run(
+        self, x: torch.Tensor, post: str = "none", other: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """post: "none", "swish" (SiLU), or with `other`: "mul" / "add"."""
         if self.packed is not None:
             if other is not None:
-                return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, self.bias, post)
+                return torch.ops.mkldnn._linear_pointwise.binary(
+                    x, other, self.packed, self.bias, post
+                )
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, post, [None], "")
         y = F.linear(x, self.weight, self.bias)
         if post == "swish":

@@ -55,7 +55,9 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out_dir.parent))
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        hf = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
         # The weights are dequantized now; drop the GGUF marker so they save as plain tensors.
         hf.hf_quantizer = None
         hf.config.quantization_config = None
@@ -80,7 +82,9 @@ def resolve_model_dir(model: str, models_dir: Path) -> Path:
     if model:
         path = Path(model)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+            raise FileNotFoundError(
+                f"{path} is not a Hugging Face model directory (no config.json)"
+            )
         return path
     out = models_dir / DEFAULT_MODEL_NAME
     if not (out / "config.json").is_file():
@@ -126,12 +130,16 @@ def _our_state_dict(hf: dict[str, torch.Tensor], a: ModelArgs) -> dict[str, torc
     return out
 
 
-def load_transformer(path: Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> Transformer:
+def load_transformer(
+    path: Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu"
+) -> Transformer:
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(path)
     if cfg.model_type not in SUPPORTED_TYPES:
-        raise ValueError(f"model type {cfg.model_type!r} is not in the Llama family {sorted(SUPPORTED_TYPES)}")
+        raise ValueError(
+            f"model type {cfg.model_type!r} is not in the Llama family {sorted(SUPPORTED_TYPES)}"
+        )
     args = ModelArgs.from_hf(cfg)
     with torch.device("meta"):
         model = Transformer(args)
@@ -145,9 +153,13 @@ def load_transformer(path: Path, dtype: torch.dtype = torch.bfloat16, device: st
     return model
 
 
-def load_model(model: str, models_dir: Path, dtype: str = "bfloat16", device: str = "cpu") -> LoadedModel:
+def load_model(
+    model: str, models_dir: Path, dtype: str = "bfloat16", device: str = "cpu"
+) -> LoadedModel:
     path = resolve_model_dir(model, models_dir)
-    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
+    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[
+        dtype
+    ]
     net = load_transformer(path, torch_dtype, device)
     tok = ChatTokenizer(path)
     return LoadedModel(net, tok, path.name, path)

@@ -33,8 +33,9 @@ class ChatTokenizer:
         return self.hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        enc = self.hf(text, add_special_tokens=False, split_special_tokens=True,
-                      return_offsets_mapping=True)
+        enc = self.hf(
+            text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
+        )
         return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
 
     def _encode_template(self, text: str) -> list[int]:
@@ -47,10 +48,14 @@ class ChatTokenizer:
     def chat_frame(self, system: str) -> tuple[str, str]:
         """The chat template around one user turn: (text before it, text after it + assistant start)."""
         if self.hf.chat_template:
-            for messages in ([{"role": "system", "content": system}, {"role": "user", "content": _SENTINEL}],
-                             [{"role": "user", "content": f"{system}\n\n{_SENTINEL}"}]):
+            for messages in (
+                [{"role": "system", "content": system}, {"role": "user", "content": _SENTINEL}],
+                [{"role": "user", "content": f"{system}\n\n{_SENTINEL}"}],
+            ):
                 try:
-                    text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                    text = self.hf.apply_chat_template(
+                        messages, tokenize=False, add_generation_prompt=True
+                    )
                 except Exception:  # templates that reject a system role
                     continue
                 before, after = text.split(_SENTINEL)

@@ -51,8 +51,15 @@ class Transformer(nn.Module):
 
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
         a = self.args
-        return KVCache.allocate(a.n_layers, a.n_kv_heads, a.head_dim, max_len,
-                                batch=batch, dtype=self.dtype, device=self.device)
+        return KVCache.allocate(
+            a.n_layers,
+            a.n_kv_heads,
+            a.head_dim,
+            max_len,
+            batch=batch,
+            dtype=self.dtype,
+            device=self.device,
+        )
 
     def pack(self) -> None:
         """Pack every linear layer's weight for this device and dtype (after loading or moving)."""
@@ -77,21 +84,31 @@ class Transformer(nn.Module):
         """
         out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         for i in range(0, h.shape[0], LOSS_ROWS):
-            logits = self.lm_head(self.norm(h[i:i + LOSS_ROWS]))
-            rows = targets[i:i + LOSS_ROWS]
-            out[i:i + LOSS_ROWS] = F.cross_entropy(logits, rows, reduction="none")
+            logits = self.lm_head(self.norm(h[i : i + LOSS_ROWS]))
+            rows = targets[i : i + LOSS_ROWS]
+            out[i : i + LOSS_ROWS] = F.cross_entropy(logits, rows, reduction="none")
         return out
 
-    def context(self, cache: KVCache, start: int | None = None, n: int | None = None, *,
-                positions: torch.Tensor | None = None, slots: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> Context:
+    def context(
+        self,
+        cache: KVCache,
+        start: int | None = None,
+        n: int | None = None,
+        *,
+        positions: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> Context:
         """The Context of n tokens: a contiguous span (`start`: positions = slots =
         start..start+n), or explicit `positions` and `slots` (default: the positions). Causal by
         slot, or under `mask` [n, S] (bool, True = may attend) over slots [0, S)."""
         if start is not None:
             positions = torch.arange(start, start + n, device=self.device)
-        where = slice(start, start + n) if start is not None else (
-            positions if slots is None else slots)
+        where = (
+            slice(start, start + n)
+            if start is not None
+            else (positions if slots is None else slots)
+        )
         cos, sin = self.rope(positions)
         if mask is not None:
             attention = MaskedAttention(mask)
@@ -103,8 +120,13 @@ class Transformer(nn.Module):
         return ctx
 
     @torch.inference_mode()
-    def run(self, ids: torch.Tensor, ctx: Context, hook: LayerHook | None = None,
-            outputs: slice | torch.Tensor | None = None) -> torch.Tensor:
+    def run(
+        self,
+        ids: torch.Tensor,
+        ctx: Context,
+        hook: LayerHook | None = None,
+        outputs: slice | torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The forward pass: tokens `ids` [B, T] through every layer, their K/V into ctx's
         buffer. Returns the last hidden states [B, n, dim] of the `outputs` rows (all rows if
         None); past the last layer's K/V only those rows are computed (none for slice(0, 0))."""
@@ -124,10 +146,17 @@ class Transformer(nn.Module):
         return x
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, cache: KVCache, start: int | None = None, *,
-                positions: torch.Tensor | None = None, slots: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None,
-                logits_for: slice | torch.Tensor | None = slice(-1, None)) -> torch.Tensor:
+    def forward(
+        self,
+        ids: torch.Tensor,
+        cache: KVCache,
+        start: int | None = None,
+        *,
+        positions: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        logits_for: slice | torch.Tensor | None = slice(-1, None),
+    ) -> torch.Tensor:
         """`run` over `context(...)`: float32 logits [B, n, V] of the rows `logits_for` picks,
         or with None the last hidden states of every row [B, T, dim] (for `token_losses`)."""
         ctx = self.context(cache, start, ids.shape[1], positions=positions, slots=slots, mask=mask)

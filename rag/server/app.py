@@ -36,11 +36,13 @@ from rag.server.worker import GenerationWorker, QueueFull
 from rag.service import RAGService
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 413, 503)}
+    code: {"model": ErrorResponse} for code in (400, 401, 413, 503)
+}
 
 
-def create_app(settings: Settings | None = None, rag: RAGService | None = None, *,
-               max_queue: int = 32) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, rag: RAGService | None = None, *, max_queue: int = 32
+) -> FastAPI:
     """The app over `rag` (built from settings when not given: loads the model)."""
     settings = settings or (rag.settings if rag is not None else Settings())
     rag = rag or RAGService(settings)
@@ -58,8 +60,12 @@ def create_app(settings: Settings | None = None, rag: RAGService | None = None, 
         docs.shutdown()
         rag.persist_stats()  # what the last few seconds of answers added
 
-    app = FastAPI(title="kvrag", version="0.1.0", lifespan=lifespan,
-                  description="RAG serving that reuses precomputed chunk KV caches (CacheBlend).")
+    app = FastAPI(
+        title="kvrag",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="RAG serving that reuses precomputed chunk KV caches (CacheBlend).",
+    )
     app.state.rag, app.state.worker, app.state.metrics = rag, worker, metrics
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES, upload_max_bytes=MAX_UPLOAD_BYTES)
@@ -68,17 +74,27 @@ def create_app(settings: Settings | None = None, rag: RAGService | None = None, 
     keys = parse_keys(settings.api_keys)
     v1 = APIRouter(dependencies=[Depends(bearer_auth(keys))] if keys else [], responses=ERRORS)
 
-    @v1.post("/v1/chat/completions", response_model=ChatCompletion, tags=["chat"],
-             responses={200: {"content": {"text/event-stream": {}},
-                              "description": "JSON, or server-sent events when stream is true"}})
+    @v1.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletion,
+        tags=["chat"],
+        responses={
+            200: {
+                "content": {"text/event-stream": {}},
+                "description": "JSON, or server-sent events when stream is true",
+            }
+        },
+    )
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         """OpenAI chat completion; the last user message is the retrieval query."""
         return await chat.handle(body, request)
 
     @v1.get("/v1/models", tags=["chat"])
     async def list_models() -> dict:
-        return {"object": "list",
-                "data": [{"id": model_id, "object": "model", "created": started, "owned_by": "kvrag"}]}
+        return {
+            "object": "list",
+            "data": [{"id": model_id, "object": "model", "created": started, "owned_by": "kvrag"}],
+        }
 
     @v1.post("/v1/retrieve", response_model=RetrieveResponse, tags=["retrieval"])
     async def retrieve(body: RetrieveRequest) -> dict:
@@ -88,10 +104,14 @@ def create_app(settings: Settings | None = None, rag: RAGService | None = None, 
         try:  # through the worker: the embedder is not thread-safe either
             hits = await worker.call(lambda: rag.retrieve(body.query, k))
         except QueueFull as e:
-            raise ApiError(503, f"server busy: {e}; retry later", "queue_full",
-                           headers={"Retry-After": "5"}) from e
-        return {"object": "list", "data": [h.citation(with_text=True) for h in hits],
-                "timings_ms": {"retrieve": round(1000 * (time.perf_counter() - t0), 1)}}
+            raise ApiError(
+                503, f"server busy: {e}; retry later", "queue_full", headers={"Retry-After": "5"}
+            ) from e
+        return {
+            "object": "list",
+            "data": [h.citation(with_text=True) for h in hits],
+            "timings_ms": {"retrieve": round(1000 * (time.perf_counter() - t0), 1)},
+        }
 
     v1.include_router(documents_router(docs))
     app.include_router(v1)
@@ -101,9 +121,15 @@ def create_app(settings: Settings | None = None, rag: RAGService | None = None, 
         """Liveness and readiness: answers while a generation runs (it never waits on the worker)."""
         await run_in_threadpool(rag.reload_index)
         redis = await run_in_threadpool(rag.redis_state)
-        body = {"status": "ok" if redis != "down" else "degraded",
-                "model_loaded": True, "model": model_id, "index_size": len(rag.index),
-                "redis": redis, "queue_depth": worker.depth, "generating": worker.busy}
+        body = {
+            "status": "ok" if redis != "down" else "degraded",
+            "model_loaded": True,
+            "model": model_id,
+            "index_size": len(rag.index),
+            "redis": redis,
+            "queue_depth": worker.depth,
+            "generating": worker.busy,
+        }
         return JSONResponse(body)
 
     @app.get("/metrics", tags=["ops"], response_class=Response)

@@ -27,7 +27,11 @@ def bearer_auth(keys: list[str]) -> Callable[..., Awaitable[None]]:
         for key in encoded:  # every key compared, each in constant time: no early exit to time
             ok |= hmac.compare_digest(token, key)
         if not ok:
-            raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                           "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401,
+                "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                "invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     return check

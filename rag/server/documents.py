@@ -46,8 +46,12 @@ def safe_filename(raw: str | None) -> str:
     base = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
     base = _UNSAFE.sub("_", base).lstrip(".")[:120]
     if not base or Path(base).suffix.lower() not in SUFFIXES:
-        raise ApiError(400, f"file name must end with one of {', '.join(sorted(SUFFIXES))}",
-                       "invalid_file_name", "name")
+        raise ApiError(
+            400,
+            f"file name must end with one of {', '.join(sorted(SUFFIXES))}",
+            "invalid_file_name",
+            "name",
+        )
     return base
 
 
@@ -88,7 +92,9 @@ class DocumentService:
         except Exception as e:  # untrusted bytes: any parser failure is the client's 400
             tmp.unlink(missing_ok=True)
             reason = str(e) if isinstance(e, LoadError | OSError) else f"{type(e).__name__}: {e}"
-            raise ApiError(400, f"cannot ingest {name}: {reason}", "unreadable_document", "file") from e
+            raise ApiError(
+                400, f"cannot ingest {name}: {reason}", "unreadable_document", "file"
+            ) from e
         os.replace(tmp, path)
         doc_id = f"{UPLOADS}/{name}"
         summary = IngestSummary(files=1)
@@ -96,15 +102,23 @@ class DocumentService:
         store = IndexGenerations(s.index_dir, res.embedder.dim)
         try:
             with index_lock(s.index_dir), store.transaction() as (docstore, index):
-                job = Ingestor(docstore, index, res, s.chunker, s.chunk_size, s.chunk_overlap, self._evict)
+                job = Ingestor(
+                    docstore, index, res, s.chunker, s.chunk_size, s.chunk_overlap, self._evict
+                )
                 job.put(doc_id, str(path), text, summary)
                 n_chunks = len(docstore.chunks_of(doc_id))
         except RuntimeError as e:  # another ingestion job holds the index
             raise ApiError(409, str(e), "ingestion_busy") from e
         job.after_commit()
         status = "added" if summary.added else "updated" if summary.updated else "unchanged"
-        return {"object": "document", "id": doc_id, "status": status, "chunks": n_chunks,
-                "bytes": len(data), "seconds": round(summary.seconds, 3)}
+        return {
+            "object": "document",
+            "id": doc_id,
+            "status": status,
+            "chunks": n_chunks,
+            "bytes": len(data),
+            "seconds": round(summary.seconds, 3),
+        }
 
     def delete(self, doc_id: str) -> dict:
         try:
@@ -114,15 +128,29 @@ class DocumentService:
         except RuntimeError as e:
             raise ApiError(409, str(e), "ingestion_busy") from e
         if doc_id.startswith(UPLOADS + "/"):
-            name = doc_id[len(UPLOADS) + 1:]
+            name = doc_id[len(UPLOADS) + 1 :]
             if "/" not in name and name:
                 self._path(name).unlink(missing_ok=True)
-        return {"object": "document.deleted", "id": doc_id, "deleted": True, "chunks": with_lock[doc_id]}
+        return {
+            "object": "document.deleted",
+            "id": doc_id,
+            "deleted": True,
+            "chunks": with_lock[doc_id],
+        }
 
     def list(self) -> list[dict]:
-        return [{"id": d["doc_id"], "object": "document", "source": d["source"], "n_chars": d["n_chars"],
-                 "chunks": d["n_chunks"], "sha256": d["sha256"], "added_at": d["added_at"]}
-                for d in self.rag.documents()]
+        return [
+            {
+                "id": d["doc_id"],
+                "object": "document",
+                "source": d["source"],
+                "n_chars": d["n_chars"],
+                "chunks": d["n_chunks"],
+                "sha256": d["sha256"],
+                "added_at": d["added_at"],
+            }
+            for d in self.rag.documents()
+        ]
 
     async def run(self, fn, *args):  # noqa: ANN001, ANN201 - a thin await over the ingestion thread
         return await asyncio.wrap_future(self._executor.submit(fn, *args))
@@ -131,16 +159,29 @@ class DocumentService:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-_FILE_SCHEMA = {"type": "object", "required": ["file"],
-                "properties": {"file": {"type": "string", "format": "binary"}}}
+_FILE_SCHEMA = {
+    "type": "object",
+    "required": ["file"],
+    "properties": {"file": {"type": "string", "format": "binary"}},
+}
 
 
 def documents_router(service: DocumentService) -> APIRouter:
     router = APIRouter(tags=["documents"])
 
-    @router.post("/v1/documents", status_code=201, openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": DocumentText.model_json_schema()},
-        "multipart/form-data": {"schema": _FILE_SCHEMA}}}})
+    @router.post(
+        "/v1/documents",
+        status_code=201,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": DocumentText.model_json_schema()},
+                    "multipart/form-data": {"schema": _FILE_SCHEMA},
+                },
+            }
+        },
+    )
     async def upload_document(request: Request) -> dict:
         """Add or update a document: JSON `{"text", "name"}` or a multipart `file`."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -151,7 +192,9 @@ def documents_router(service: DocumentService) -> APIRouter:
                 raise ApiError(400, f"bad multipart body: {e.message}", "invalid_multipart") from e
             file = form.get("file")
             if not isinstance(file, UploadFile):
-                raise ApiError(400, "the multipart body needs a 'file' part", "missing_file", "file")
+                raise ApiError(
+                    400, "the multipart body needs a 'file' part", "missing_file", "file"
+                )
             name, data = safe_filename(file.filename), await file.read()
         elif ctype == "application/json":
             try:
@@ -163,7 +206,9 @@ def documents_router(service: DocumentService) -> APIRouter:
             data = doc.text.encode()
             name = safe_filename(doc.name or f"text-{hashlib.sha256(data).hexdigest()[:12]}.txt")
         else:
-            raise ApiError(415, "send application/json or multipart/form-data", "unsupported_media_type")
+            raise ApiError(
+                415, "send application/json or multipart/form-data", "unsupported_media_type"
+            )
         return await service.run(service.add, name, data)
 
     @router.get("/v1/documents")

@@ -17,19 +17,35 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-          429: "rate_limit_error", 503: "server_busy"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "server_busy",
+}
 
 
 class ApiError(HTTPException):
     """An error with an OpenAI-style body; raise it anywhere in a handler."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 type_: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        param: str | None = None,
+        type_: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(status, message, headers)
         self.code, self.param = code, param
-        self.type = type_ or _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+        self.type = type_ or _TYPES.get(
+            status, "invalid_request_error" if status < 500 else "server_error"
+        )
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
@@ -37,7 +53,9 @@ def error_body(message: str, type_: str, code: str | None = None, param: str | N
 
 
 def error_response(e: ApiError) -> JSONResponse:
-    return JSONResponse(error_body(e.detail, e.type, e.code, e.param), e.status_code, headers=e.headers)
+    return JSONResponse(
+        error_body(e.detail, e.type, e.code, e.param), e.status_code, headers=e.headers
+    )
 
 
 def _loc(loc: tuple) -> str:
@@ -50,7 +68,9 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     param = _loc(tuple(first.get("loc", ())))
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return error_response(ApiError(400, f"{param}: {first.get('msg')}{more}", "invalid_request", param))
+    return error_response(
+        ApiError(400, f"{param}: {first.get('msg')}{more}", "invalid_request", param)
+    )
 
 
 async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -74,8 +94,13 @@ def install_error_handlers(app: FastAPI) -> None:
 class BodyLimit:
     """Refuses bodies over a byte limit (413) by Content-Length or, when chunked, while reading."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, upload_max_bytes: int,
-                 upload_paths: tuple[str, ...] = ("/v1/documents",)):
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        upload_max_bytes: int,
+        upload_paths: tuple[str, ...] = ("/v1/documents",),
+    ):
         self.app = app
         self.max_bytes = max_bytes
         self.upload_max_bytes = upload_max_bytes
@@ -92,7 +117,9 @@ class BodyLimit:
                 await _send(send, ApiError(400, "invalid Content-Length header"))
                 return
             if int(length) > limit:
-                await _send(send, ApiError(413, f"request body over {limit} bytes", "body_too_large"))
+                await _send(
+                    send, ApiError(413, f"request body over {limit} bytes", "body_too_large")
+                )
                 return
         seen = 0
 
@@ -100,7 +127,9 @@ class BodyLimit:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > limit:  # handled by _http like any HTTPException raised while reading the body
+            if (
+                seen > limit
+            ):  # handled by _http like any HTTPException raised while reading the body
                 raise ApiError(413, f"request body over {limit} bytes", "body_too_large")
             return message
 
@@ -109,6 +138,11 @@ class BodyLimit:
 
 async def _send(send: Send, e: ApiError) -> None:
     response = error_response(e)
-    await send({"type": "http.response.start", "status": response.status_code,
-                "headers": response.raw_headers})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status_code,
+            "headers": response.raw_headers,
+        }
+    )
     await send({"type": "http.response.body", "body": response.body})

@@ -27,14 +27,22 @@ TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
 class _Live:
     """Collects values computed at scrape time (store counters, queue depth)."""
 
-    def __init__(self, store_stats: Callable[[], dict | None], queue_depth: Callable[[], int],
-                 tokens: Callable[[], tuple[float, float]]):
+    def __init__(
+        self,
+        store_stats: Callable[[], dict | None],
+        queue_depth: Callable[[], int],
+        tokens: Callable[[], tuple[float, float]],
+    ):
         self.store_stats, self.queue_depth, self.tokens = store_stats, queue_depth, tokens
 
     def collect(self) -> Iterable[Metric]:
         stats = self.store_stats() or {"tiers": {}}
-        hits = CounterMetricFamily("kvrag_cache_hits", "Chunk-KV lookups served by a tier", labels=["tier"])
-        misses = CounterMetricFamily("kvrag_cache_misses", "Chunk-KV lookups a tier missed", labels=["tier"])
+        hits = CounterMetricFamily(
+            "kvrag_cache_hits", "Chunk-KV lookups served by a tier", labels=["tier"]
+        )
+        misses = CounterMetricFamily(
+            "kvrag_cache_misses", "Chunk-KV lookups a tier missed", labels=["tier"]
+        )
         for tier, c in stats["tiers"].items():
             hits.add_metric([tier], c["hits"])
             misses.add_metric([tier], c["misses"])
@@ -42,23 +50,42 @@ class _Live:
         yield misses
         reused, recomputed = self.tokens()
         total = reused + recomputed
-        yield GaugeMetricFamily("kvrag_recomputed_token_ratio",
-                                "Recomputed / (reused + recomputed) context tokens, blend and reuse modes",
-                                value=recomputed / total if total else 0.0)
-        yield GaugeMetricFamily("kvrag_queue_depth", "Generation jobs queued or running",
-                                value=self.queue_depth())
+        yield GaugeMetricFamily(
+            "kvrag_recomputed_token_ratio",
+            "Recomputed / (reused + recomputed) context tokens, blend and reuse modes",
+            value=recomputed / total if total else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "kvrag_queue_depth", "Generation jobs queued or running", value=self.queue_depth()
+        )
 
 
 class Metrics:
     def __init__(self, store_stats: Callable[[], dict | None], queue_depth: Callable[[], int]):
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("kvrag_requests", "HTTP requests", ["method", "route", "status"], registry=r)
-        self.ttft = Histogram("kvrag_ttft_seconds", "Time to first token, queueing included", ["mode"],
-                              buckets=TTFT_BUCKETS, registry=r)
-        self.latency = Histogram("kvrag_chat_seconds", "Chat completion latency, queueing included",
-                                 ["mode"], buckets=TTFT_BUCKETS, registry=r)
-        self.tokens = Counter("kvrag_context_tokens", "Context tokens by how their K/V was obtained",
-                              ["kind"], registry=r)
+        self.requests = Counter(
+            "kvrag_requests", "HTTP requests", ["method", "route", "status"], registry=r
+        )
+        self.ttft = Histogram(
+            "kvrag_ttft_seconds",
+            "Time to first token, queueing included",
+            ["mode"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "kvrag_chat_seconds",
+            "Chat completion latency, queueing included",
+            ["mode"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "kvrag_context_tokens",
+            "Context tokens by how their K/V was obtained",
+            ["kind"],
+            registry=r,
+        )
         self.completion_tokens = Counter("kvrag_completion_tokens", "Generated tokens", registry=r)
         self._split = [0, 0]  # reused, recomputed: the ratio's inputs, kept in plain ints
         r.register(_Live(store_stats, queue_depth, lambda: (self._split[0], self._split[1])))

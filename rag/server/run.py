@@ -30,12 +30,19 @@ def build_app(settings: Settings, warm: bool = False) -> FastAPI:
     return create_app(settings, rag)
 
 
-def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000, *, warm: bool = False,
-          log_level: str = "info") -> None:
+def serve(
+    settings: Settings,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    warm: bool = False,
+    log_level: str = "info",
+) -> None:
     """Load the model and serve the API until interrupted (Ctrl-C / SIGTERM)."""
     app = build_app(settings, warm)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, workers=1,
-                timeout_graceful_shutdown=10)
+    uvicorn.run(
+        app, host=host, port=port, log_level=log_level, workers=1, timeout_graceful_shutdown=10
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -49,7 +56,9 @@ class ThreadServer:
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int | None = None):
         self.host, self.port = host, port or free_port(host)
-        config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning", lifespan="on")
+        config = uvicorn.Config(
+            app, host=self.host, port=self.port, log_level="warning", lifespan="on"
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="kvrag-uvicorn", daemon=True)
 

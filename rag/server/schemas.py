@@ -68,8 +68,13 @@ class ChatRequest(Strict):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: Annotated[str, Field(max_length=MAX_STOP_CHARS)] | Annotated[
-        list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)] | None = None
+    stop: (
+        Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+        | Annotated[
+            list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)
+        ]
+        | None
+    ) = None
     n: int = Field(1, ge=1, le=1, description="only one choice is generated")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
@@ -97,7 +102,9 @@ class DocumentText(Strict):
     """A document sent as JSON text (a file goes as multipart instead)."""
 
     text: str = Field(min_length=1, max_length=MAX_UPLOAD_BYTES)
-    name: str | None = Field(None, max_length=200, description="file name to store it under (.txt/.md)")
+    name: str | None = Field(
+        None, max_length=200, description="file name to store it under (.txt/.md)"
+    )
 
 
 # -- responses (documentation; the handlers build plain dicts) ---------------------
@@ -107,7 +114,9 @@ class Citation(BaseModel):
     doc_id: str
     start: int
     end: int
-    score: float = Field(description="retrieval score: the fused rank score (hybrid) or the cosine (dense)")
+    score: float = Field(
+        description="retrieval score: the fused rank score (hybrid) or the cosine (dense)"
+    )
     chunk_id: int
 
 

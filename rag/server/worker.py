@@ -88,7 +88,9 @@ class GenerationWorker:
 
         return run
 
-    async def call(self, fn: Callable[[], T], cancel: Cancel | None = None, job: Job | None = None) -> T:
+    async def call(
+        self, fn: Callable[[], T], cancel: Cancel | None = None, job: Job | None = None
+    ) -> T:
         """Run fn on the worker and await its result; cancelling the await drops a queued job."""
         self._admit()
         job = job or Job()
@@ -102,8 +104,9 @@ class GenerationWorker:
                 self._release()
             raise
 
-    def stream(self, fn: Callable[[Callable[[str], bool], Cancel], T], cancel: Cancel,
-               job: Job) -> AsyncIterator[str]:
+    def stream(
+        self, fn: Callable[[Callable[[str], bool], Cancel], T], cancel: Cancel, job: Job
+    ) -> AsyncIterator[str]:
         """Queue fn(on_text, cancel) now (QueueFull raises here, before any response is
         sent) and return an iterator over its text deltas.
 
