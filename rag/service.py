@@ -85,7 +85,14 @@ class RAGService:
         lm = load_model(
             settings.model, settings.models_dir, settings.torch_dtype, settings.torch_device
         )
-        self.engine = Engine(lm, settings.system_prompt, settings.max_context_tokens)
+        self.engine = Engine(
+            lm,
+            settings.system_prompt,
+            settings.max_context_tokens,
+            kv_budget_mb=settings.kv_budget_mb or None,
+            max_batch=settings.max_batch,
+        )
+        self._embed_lock = threading.Lock()  # the embedder is not thread-safe
         self.engine.store = build_store(
             settings.cache_memory_mb,
             settings.kv_dir,
@@ -129,7 +136,8 @@ class RAGService:
 
     def retrieve(self, question: str, k: int) -> list[Hit]:
         self.reload_index()
-        vec = self.embedder.embed([question])[0]
+        with self._embed_lock:
+            vec = self.embedder.embed([question])[0]
         with self._index_lock:
             found = self.retriever.search(vec, question, k)
             chunks = self.docstore.get_chunks([cid for cid, _ in found])
