@@ -180,6 +180,17 @@ class RAGService:
         return "up" if redis.is_up() else "down"
 
     # -- answer -----------------------------------------------------------------
+    def start_batching(self, max_batch: int) -> None:
+        """Answers from now on decode together, up to max_batch at once (rag.engine.scheduler);
+        `answer` may then be called from several threads."""
+        if self.engine.scheduler is None:
+            self.engine.start_scheduler(max_batch)
+
+    def stop_batching(self) -> None:
+        if self.engine.scheduler is not None:
+            self.engine.scheduler.close()
+            self.engine.scheduler = None
+
     def answer(
         self,
         question: str,

@@ -48,8 +48,7 @@ def create_app(
     rag = rag or RAGService(settings)
     max_queue = settings.max_queue if max_queue is None else max_queue
     if settings.scheduler == "batch":
-        if rag.engine.scheduler is None:
-            rag.engine.start_scheduler(settings.max_batch)
+        rag.start_batching(settings.max_batch)
         worker = GenerationWorker(max_queue, running=settings.max_batch)
     else:
         worker = GenerationWorker(max_queue)
@@ -63,9 +62,8 @@ def create_app(
     async def lifespan(app: FastAPI):  # noqa: ANN202
         yield
         worker.shutdown()
-        if rag.engine.scheduler is not None:
-            rag.engine.scheduler.close()
-            rag.engine.scheduler = None
+        if settings.scheduler == "batch":
+            rag.stop_batching()
         docs.shutdown()
         rag.persist_stats()  # what the last few seconds of answers added
 
