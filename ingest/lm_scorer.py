@@ -1,13 +1,9 @@
-"""The LLM as a scorer: per-token losses over long texts, and next-token probabilities after a cached prefix.
+"""The LLM as a scorer: per-token losses over long texts, and next-token probabilities.
 
 Chunking only reads losses and probabilities, never generates. The scorer runs
-in the engine's dtype (`auto`: bf16 where the hardware does bf16 natively, as
-AVX512-BF16 CPUs do, ~2x faster than fp32 there; fp32 on AVX2-only CPUs, where
-bf16 matmuls are ~50x slower). int8 dynamic quantization was tried and dropped:
-~1.5x faster than fp32, but its per-tensor activation scales made SmolLM2's
-losses depend on the batch and raised the mean loss from 2.9 to 4.2 nats. On an AVX2 CPU
-neither llama.cpp on the wheel's Q4_1 GGUF (~150 tokens/s) nor ONNX Runtime's 4-bit matmuls
-with int8 compute (no faster than its float32) beat PyTorch's float32 here (eval/RESULTS_retrieval.md).
+in the engine's dtype (`auto`: bf16 where the hardware does bf16 natively, else
+float32). The runtimes and quantizations weighed against it are in
+eval/RESULTS_retrieval.md.
 
 Long texts are scored with a sliding window that is recomputed from scratch for
 every window (a rotated KV cache is never trimmed, which would leave keys at

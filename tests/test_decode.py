@@ -77,7 +77,7 @@ def test_lean_step_matches_the_model_forward_loop(engine, paragraphs):
 
 @pytest.fixture(scope="module")
 def engine16(models_dir) -> Engine:
-    """The model in bf16, where the CPU runs bf16 natively (elsewhere it is ~8x slower than fp32)."""
+    """The model in bf16, where the CPU runs bf16 natively (elsewhere it is emulated)."""
     from rag.config import cpu_has_bf16
     from rag.model.loader import load_model
 

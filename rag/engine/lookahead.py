@@ -211,9 +211,8 @@ class Lookahead:
     are left out.
     """
 
-    # Defaults tuned offline on the greedy answers to 40 COVID-QA and 8 sample questions (~2K
-    # tokens of context) against the measured cost of verifying T rows on this 2-core AVX2 CPU,
-    # 1 + (0.09 .. 0.14) (T - 1) single steps: small trees of likely nodes pay, big ones do not.
+    # Small trees of likely nodes: each node costs a verification row, and a row pays only when
+    # it is likely to be accepted (the tuning is in eval/RESULTS_decode.md).
     def __init__(
         self,
         context: Sequence[int] = (),
