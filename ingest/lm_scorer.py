@@ -21,7 +21,8 @@ import torch
 
 
 def _cut_candidates(ids: Sequence[int]) -> list[int]:
-    """Content-defined cut points (~1 in 64 positions): the same text yields the same cuts wherever it is."""
+    """Content-defined cut points (~1 in 64 positions): the same text yields the same cuts
+    wherever it is."""
     out = []
     for i in range(3, len(ids)):
         h = (ids[i - 3] * 2654435761 + ids[i - 2] * 40503 + ids[i - 1] * 97 + ids[i]) % 1000003
@@ -65,7 +66,8 @@ def _digest(*parts: object) -> bytes:
 
 
 class LMScorer:
-    """Loss and answer-probability queries against one causal LM (rag.model.transformer.Transformer)."""
+    """Loss and answer-probability queries against one causal LM
+    (rag.model.transformer.Transformer)."""
 
     def __init__(
         self,
@@ -176,7 +178,8 @@ class LMScorer:
 
     # -- answers after a fixed prefix ------------------------------------------
     def prefix_cache(self, prefix_ids: Sequence[int], batch: int, extra: int):
-        """A KV buffer of `batch` rows, each holding the prefix's K/V, room for `extra` more tokens."""
+        """A KV buffer of `batch` rows, each holding the prefix's K/V, room for `extra` more
+        tokens."""
         p = len(prefix_ids)
         one = self.model.new_cache(p, batch=1)
         self.model(
@@ -195,7 +198,8 @@ class LMScorer:
         answer_ids: Sequence[int],
         batch: int = 16,
     ) -> torch.Tensor:
-        """P(answer | prefix + suffix) for each suffix and answer token: float32 [n, len(answer_ids)].
+        """P(answer | prefix + suffix) for each suffix and answer token:
+        float32 [n, len(answer_ids)].
 
         The prefix is prefilled once; each batch of suffixes (right-padded, which a
         causal model never attends to) is written after it in the same buffer.

@@ -42,7 +42,8 @@ class Settings(BaseSettings):
     chunk_size: int = 200  # target tokens per chunk (embedder wordpieces)
     chunk_overlap: int = 0
     top_k: int = 4
-    # hybrid = the vector index fused with BM25 over the chunk texts (rag/retriever.py); dense = vectors only.
+    # hybrid = the vector index fused with BM25 over the chunk texts (rag/retriever.py);
+    # dense = vectors only.
     retrieval: Literal["hybrid", "dense"] = "hybrid"
     system_prompt: str = SYSTEM_PROMPT
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real model (converted once into the repo's kvrag_data/models), real data paths."""
+"""Shared fixtures: the real model (converted once into the repo's kvrag_data/models),
+real data paths."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Lookahead drafting: an n-gram trie over this request's text, draft trees, tree masks, verification.
+"""Lookahead drafting: an n-gram trie over this request's text, draft trees, tree masks,
+verification.
 
 After "Lookahead: An Inference Acceleration Framework for Large Language Model
 with Lossless Generation Accuracy" (Zhao et al., 2023). RAG answers copy from
@@ -159,7 +160,8 @@ class DraftTree:
         return torch.tensor(rows, dtype=torch.bool)
 
     def mask(self, committed: int) -> torch.Tensor:
-        """[T, committed + T] bool: every node sees all committed slots, itself and its ancestors."""
+        """[T, committed + T] bool: every node sees all committed slots, itself and its
+        ancestors."""
         t = len(self.tokens)
         m = torch.ones(t, committed + t, dtype=torch.bool)
         m[:, committed:] = self.ancestors()
@@ -184,7 +186,8 @@ class DraftTree:
 
 
 def compact(cache: KVCache, committed: int, path: list[int]) -> None:
-    """Move the K/V of the accepted path (tree slots committed+i) to slots committed, committed+1, ...
+    """Move the K/V of the accepted path (tree slots committed+i) to slots committed,
+    committed+1, ...
 
     Their K/V were computed at positions committed + depth, which are exactly
     the positions of the slots they move to, so the copy is exact.
@@ -248,7 +251,8 @@ class Lookahead:
             del self.recent[: -self.max_prefix]
 
     def draft(self, root: int, room: int) -> DraftTree:
-        """A draft tree after `root` (the last committed token) of at most `room` nodes, root included."""
+        """A draft tree after `root` (the last committed token) of at most `room` nodes, root
+        included."""
         budget = min(self.budget, room - 1)
         tree = DraftTree([root], [-1], [0], [{}])
         if budget <= 0:
@@ -267,7 +271,8 @@ class Lookahead:
                 break
         if not start:
             return []
-        # Best-first by estimated chance: a child is never likelier than its parent, so parents come first.
+        # Best-first by estimated chance: a child is never likelier than its parent, so parents
+        # come first.
         heap: list[
             tuple[float, int, list[_Node], int, int, int]
         ] = []  # (-p, tiebreak, nodes, token, parent, depth)

@@ -200,7 +200,8 @@ class NativeDecodeStep:
         all_logits: bool = False,
         base: int | None = None,
     ) -> torch.Tensor:
-        """As DecodeStep.__call__: tokens `ids` [T] into slots start..start+T, logits float32 [T or 1, V]."""
+        """As DecodeStep.__call__: tokens `ids` [T] into slots start..start+T, logits
+        float32 [T or 1, V]."""
         a = self.args
         base = start if base is None else base
         t = ids.shape[0]
@@ -216,7 +217,8 @@ class NativeDecodeStep:
             or k.shape[1] != 1
         ):
             raise ValueError(
-                "the native step needs batch-1 K/V buffers in the model's dtype with contiguous slots"
+                "the native step needs batch-1 K/V buffers in the model's dtype "
+                "with contiguous slots"
             )
         pos = torch.arange(start, end) if positions is None else positions.to(torch.int64).cpu()
         self._rope_table(int(pos.max()) + 1)
