@@ -64,7 +64,7 @@ class BufferPool:
                 fits = [b for b in self._spare if b.max_len >= n_slots]
                 if fits:
                     buf = min(fits, key=lambda b: b.max_len)
-                    self._spare.remove(buf)
+                    self._spare = [b for b in self._spare if b is not buf]  # (not ==: tensors)
                     break
                 if self.budget is not None:  # drop spares, the smallest first, to make room
                     while self._spare and self.used_bytes + self._bytes(rounded) > self.budget:

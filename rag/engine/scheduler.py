@@ -34,7 +34,7 @@ from rag.engine.sampling import sample
 from rag.model.kv_cache import KVCache
 from rag.model.transformer import between_layers
 
-PREFILL_SLICE_MS = 40.0  # a prefill's compute between two decode steps (rounded up to a layer)
+PREFILL_SLICE_MS = 100.0  # a prefill's compute between two decode steps (rounded up to a layer)
 # Lookahead drafts only while the batch is this small: above it, the rows a draft tree adds
 # cost more than the tokens it saves (eval/RESULTS_load.md).
 DRAFT_MAX_BATCH = 1
