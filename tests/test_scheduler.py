@@ -193,3 +193,20 @@ def test_the_kv_budget_holds_and_every_request_still_finishes(lm32, paragraphs):
         assert batched.buffers.peak_bytes > biggest * alone.buffers.slot_bytes  # more than one
     finally:
         scheduler.close()
+
+
+def test_the_pool_lends_spares_of_any_size_and_keeps_to_its_budget(lm32):
+    """Spare buffers of different sizes go back out by size (the larger one, not the first);
+    past the budget a request that does not fit is refused instead of allocated."""
+    from rag.engine.buffers import BufferPool, OverBudget
+
+    pool = BufferPool(lm32.model, 4096, budget_bytes=3000 * 23040 * 2, spare=4)
+    small, large = pool.take(300), pool.take(600)
+    pool.give_back(small)
+    pool.give_back(large)
+    again = pool.take(600)
+    assert again.k.data_ptr() == large.k.data_ptr() and again.max_len == 600
+    with pytest.raises(OverBudget):
+        pool.take(4096)
+    held = pool.take(2000)  # fits once the small spare is dropped
+    assert pool.used_bytes <= pool.budget and held.max_len == 2000
