@@ -22,6 +22,7 @@ from rag.server.auth import bearer_auth, parse_keys
 from rag.server.chat import ChatRunner
 from rag.server.documents import DocumentService, documents_router
 from rag.server.errors import ApiError, BodyLimit, install_error_handlers
+from rag.server.health import health
 from rag.server.metrics import Metrics, RequestCounter
 from rag.server.schemas import (
     MAX_BODY_BYTES,
@@ -120,13 +121,13 @@ def create_app(
     async def healthz() -> JSONResponse:
         """Liveness and readiness: answers while a generation runs (it never waits on the worker)."""
         await run_in_threadpool(rag.reload_index)
-        redis = await run_in_threadpool(rag.redis_state)
+        deps = await run_in_threadpool(health, rag)
         body = {
-            "status": "ok" if redis != "down" else "degraded",
+            "status": deps.pop("status"),
             "model_loaded": True,
             "model": model_id,
             "index_size": len(rag.index),
-            "redis": redis,
+            **deps,
             "queue_depth": worker.depth,
             "generating": worker.busy,
         }

@@ -41,6 +41,12 @@ UPLOADS = "uploads"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
+def storage_error(e: OSError) -> ApiError:
+    return ApiError(
+        507, f"the data dir cannot take writes: {e.strerror or e}", "storage_unavailable"
+    )
+
+
 def safe_filename(raw: str | None) -> str:
     """A bare file name from a client's: no directories, no leading dots, a known suffix."""
     base = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
@@ -153,7 +159,10 @@ class DocumentService:
         ]
 
     async def run(self, fn, *args):  # noqa: ANN001, ANN201 - a thin await over the ingestion thread
-        return await asyncio.wrap_future(self._executor.submit(fn, *args))
+        try:
+            return await asyncio.wrap_future(self._executor.submit(fn, *args))
+        except OSError as e:  # a full or read-only data dir: nothing changed, say so
+            raise storage_error(e) from e
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
