@@ -67,12 +67,14 @@ class IngestSummary:
 
 
 def doc_id_for(path: Path) -> str:
-    """The path relative to the working directory when inside it, else absolute."""
-    resolved = path.resolve()
-    try:
-        return resolved.relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        return resolved.as_posix()
+    """The path relative to the working directory when inside it, else absolute. Symbolic
+    links are not resolved: a file reached through a link is known by the link's path (under
+    the folder ingested, where --delete-missing finds it)."""
+    absolute = Path(os.path.abspath(path))
+    for cwd in (Path(os.path.abspath(os.getcwd())), Path.cwd().resolve()):
+        if absolute.is_relative_to(cwd):
+            return absolute.relative_to(cwd).as_posix()
+    return absolute.as_posix()
 
 
 RemovedHook = Callable[[list[Chunk]], None]
@@ -143,6 +145,10 @@ class Ingestor:
             summary.added += 1
 
 
+class IndexBusy(RuntimeError):
+    """Another ingestion job holds the index (a second writer fails fast, nothing changed)."""
+
+
 @contextlib.contextmanager
 def index_lock(root: Path) -> Iterator[None]:
     """Exclusive lock on an index folder for one job; a second job fails fast instead of racing."""
@@ -152,7 +158,7 @@ def index_lock(root: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"another ingestion job holds {root / 'LOCK'}") from None
+            raise IndexBusy(f"another ingestion job holds {root / 'LOCK'}") from None
         yield
     finally:
         os.close(fd)  # closing releases the lock; a killed process releases it too
@@ -166,6 +172,7 @@ def ingest(
     chunk_size: int | None = None,
     chunk_overlap: int | None = None,
     delete_missing: bool = False,
+    follow_links: bool = False,
     resources: Resources | None = None,
     on_removed: RemovedHook | None = None,
     progress: bool = True,
@@ -173,9 +180,12 @@ def ingest(
     """Ingest files and folders as one atomic run; see the module doc."""
     t0 = time.perf_counter()
     paths = list(paths)
-    files = discover(paths)
+    found = discover(paths, follow_links)
+    files = found.files
     resources = resources or Resources(settings)
-    summary = IngestSummary(files=len(files))
+    summary = IngestSummary(files=len(files), failed=list(found.refused))
+    for path, why in found.refused:
+        log.warning("refused %s: %s", path, why)
     store = IndexGenerations(settings.index_dir, resources.embedder.dim)
     overlap = settings.chunk_overlap if chunk_overlap is None else chunk_overlap
     with index_lock(settings.index_dir), store.transaction() as (docstore, index):

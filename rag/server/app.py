@@ -65,6 +65,10 @@ def create_app(
         title="kvrag",
         version="0.1.0",
         lifespan=lifespan,
+        # The interactive pages load their scripts from a CDN: off (the schema stays at
+        # /openapi.json), so a server in a closed network serves nothing it cannot back.
+        docs_url=None,
+        redoc_url=None,
         description="RAG serving that reuses precomputed chunk KV caches (CacheBlend).",
     )
     app.state.rag, app.state.worker, app.state.metrics = rag, worker, metrics
@@ -100,6 +104,8 @@ def create_app(
     @v1.post("/v1/retrieve", response_model=RetrieveResponse, tags=["retrieval"])
     async def retrieve(body: RetrieveRequest) -> dict:
         """The top-k chunks for a query, with scores and exact character spans."""
+        if not body.query.strip():  # as chat refuses a blank question
+            raise ApiError(400, "query: must contain text", "invalid_request", "query")
         k = body.k or settings.top_k
         t0 = time.perf_counter()
         try:  # through the worker: the embedder is not thread-safe either

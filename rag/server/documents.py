@@ -14,7 +14,7 @@ import asyncio
 import hashlib
 import logging
 import os
-import re
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
@@ -38,7 +38,8 @@ from rag.service import RAGService
 
 log = logging.getLogger(__name__)
 UPLOADS = "uploads"
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_SPECIAL = set('/\\:*?"<>|')
+MAX_NAME_BYTES = 160
 
 
 def storage_error(e: OSError) -> ApiError:
@@ -48,17 +49,32 @@ def storage_error(e: OSError) -> ApiError:
 
 
 def safe_filename(raw: str | None) -> str:
-    """A bare file name from a client's: no directories, no leading dots, a known suffix."""
-    base = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
-    base = _UNSAFE.sub("_", base).lstrip(".")[:120]
-    if not base or Path(base).suffix.lower() not in SUFFIXES:
+    """A bare file name from a client's, kept as written where that is safe (Unicode letters,
+    spaces): no directories, no leading dots, no control or format characters, a known suffix.
+    A name that had to be changed gets a digest of the original, so two different names never
+    end up as one file (`my notes.md` and `my_notes.md`, or `日本.md` and `中文.md`)."""
+    base = unicodedata.normalize("NFC", (raw or "").replace("\\", "/").rsplit("/", 1)[-1])
+    clean = "".join("_" if _unsafe_char(c) else c for c in base).strip().lstrip(".")
+    suffix = Path(clean).suffix
+    if not clean or suffix.lower() not in SUFFIXES:
         raise ApiError(
             400,
             f"file name must end with one of {', '.join(sorted(SUFFIXES))}",
             "invalid_file_name",
             "name",
         )
-    return base
+    stem = clean[: -len(suffix)]
+    if len(clean.encode()) > MAX_NAME_BYTES:  # file systems allow 255 bytes
+        stem = stem.encode()[: MAX_NAME_BYTES - 20].decode(errors="ignore")
+    if stem + suffix != base:
+        stem += "-" + hashlib.sha256(base.encode()).hexdigest()[:8]
+    return stem + suffix
+
+
+def _unsafe_char(c: str) -> bool:
+    # Control, format (bidi overrides, zero-width), surrogate and unassigned characters, and the
+    # characters shells and other file systems treat specially.
+    return unicodedata.category(c)[0] == "C" or c in _SPECIAL
 
 
 class DocumentService:
