@@ -65,9 +65,12 @@ def discover(paths: Iterable[Path | str], follow_links: bool = False) -> Discove
                     continue
             if entry.is_dir():
                 walk(entry, ancestors | {entry.resolve()})
-            elif entry.is_file() and entry.suffix.lower() in SUFFIXES:
-                if not entry.name.startswith("."):
-                    add(entry)
+            elif (
+                entry.is_file()
+                and entry.suffix.lower() in SUFFIXES
+                and not entry.name.startswith(".")
+            ):
+                add(entry)
 
     for p in named:
         if p.is_dir():
