@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ingest.chunkers import Resources, make_chunker
 from ingest.loaders import LoadError, discover, load_text
+from ingest.sections import sections
 from rag.config import Settings
 from rag.index.docstore import Chunk, Docstore, Document, sha256
 from rag.index.generations import IndexGenerations
@@ -115,7 +116,17 @@ class Ingestor:
         if gone and self.on_removed:
             self.on_removed(gone)
 
-    def put(self, doc_id: str, source: str, text: str, summary: IngestSummary) -> None:
+    def put(
+        self,
+        doc_id: str,
+        source: str,
+        text: str,
+        summary: IngestSummary,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Add or replace one document, a section at a time (ingest.sections): memory stays
+        bounded by a section whatever the document's size. `progress(done, total)` counts
+        characters after each section (it may raise to abandon the job: nothing commits)."""
         digest = sha256(text)
         old = self.docstore.get_document(doc_id)
         if old and old.sha256 == digest and old.chunker == self.chunker_tag:
@@ -123,22 +134,26 @@ class Ingestor:
             return
         if old:
             summary.chunks_removed += self.remove(doc_id)
-        spans = self.chunker.split(text)
-        embedder = self.resources.embedder
-        texts = [text[s:e] for s, e in spans]
-        ids = self.docstore.next_ids(len(spans))
-        chunks = [
-            Chunk(cid, doc_id, s, e, t, embedder.count_tokens(t), sha256(t))
-            for cid, (s, e), t in zip(ids, spans, texts, strict=True)
-        ]
         self.docstore.put_document(
             Document(doc_id, source, digest, text, self.chunker_tag), time.time()
         )
-        self.docstore.add_chunks(chunks)
-        self.index.add(ids, embedder.embed(texts))
-        self.added_hashes.update(c.content_hash for c in chunks)
-        summary.chunks_added += len(chunks)
-        summary.tokens += sum(c.n_tokens for c in chunks)
+        embedder = self.resources.embedder
+        for first, last in sections(text):
+            spans = [(s + first, e + first) for s, e in self.chunker.split(text[first:last])]
+            texts = [text[s:e] for s, e in spans]
+            ids = self.docstore.next_ids(len(spans))
+            chunks = [
+                Chunk(cid, doc_id, s, e, t, embedder.count_tokens(t), sha256(t))
+                for cid, (s, e), t in zip(ids, spans, texts, strict=True)
+            ]
+            self.docstore.add_chunks(chunks)
+            if chunks:
+                self.index.add(ids, embedder.embed(texts))
+            self.added_hashes.update(c.content_hash for c in chunks)
+            summary.chunks_added += len(chunks)
+            summary.tokens += sum(c.n_tokens for c in chunks)
+            if progress is not None:
+                progress(last, len(text))
         if old:
             summary.updated += 1
         else:

@@ -186,3 +186,20 @@ def sse_events(response: httpx.Response) -> list[dict | str]:
             data = line[len("data: ") :]
             out.append(data if data == "[DONE]" else json.loads(data))
     return out
+
+
+def upload(url: str, timeout_s: float = 300, **request) -> dict:  # noqa: ANN003
+    """POST /v1/documents (httpx keyword arguments: json=..., files=...) and poll its job
+    until it is done or failed; returns the finished job."""
+    r = httpx.post(f"{url}/v1/documents", timeout=60, **request)
+    assert r.status_code == 202, r.text
+    return wait_job(url, r.headers["Location"], timeout_s)
+
+
+def wait_job(url: str, location: str, timeout_s: float = 300) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = httpx.get(url + location, timeout=30).json()
+        if job["status"] in ("done", "failed") or time.monotonic() > deadline:
+            return job
+        time.sleep(0.2)
