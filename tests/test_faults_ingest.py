@@ -8,13 +8,14 @@ import signal
 import subprocess
 import time
 
+import httpx
 import pytest
 
 from ingest.job import index_lock, ingest
 from ingest.loaders import discover
 from rag.index.embedder import Embedder
 from rag.index.generations import IndexGenerations
-from tests.faults import env, kvrag_cmd, settings_for
+from tests.faults import LiveServer, env, ingested, kvrag_cmd, settings_for, wait_job
 
 
 @pytest.fixture
@@ -117,3 +118,26 @@ def test_killed_ingestion_leaves_the_previous_index(tmp_path):
     assert docstore.document_ids() == ["docs/a.md"] and len(index) == 1
     ingest(["docs"], settings, progress=False)  # the next run starts cleanly from it
     assert len(gens.open()[0].document_ids()) == 21
+
+
+def test_server_killed_mid_upload_resumes_it_at_restart(tmp_path):
+    settings = ingested(tmp_path, {"a.md": "# A\n\nThe harbour opens at dawn.\n"})
+    text = "# Tides\n\n" + "The spring tide at Kellhaven rises six metres. " * 2800  # 3 sections
+    with LiveServer(settings.data_dir, tmp_path / "serve1.log") as server:
+        r = httpx.post(f"{server.url}/v1/documents", json={"text": text, "name": "tides.md"})
+        assert r.status_code == 202, r.text
+        location, job_id = r.headers["Location"], r.json()["id"]
+        deadline = time.monotonic() + 120
+        while httpx.get(server.url + location).json()["status"] == "queued":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        server.proc.kill()  # SIGKILL mid-job: no shutdown hook runs
+        server.proc.wait()
+    pending = settings.data_dir / "uploads" / ".pending" / job_id / "tides.md"
+    assert pending.is_file()  # what the client was told was accepted is still there
+    with LiveServer(settings.data_dir, tmp_path / "serve2.log") as server:
+        job = wait_job(server.url, location)
+        assert job["status"] == "done" and job["id"] == job_id, job
+        listed = {d["id"] for d in httpx.get(f"{server.url}/v1/documents").json()["data"]}
+        assert {"uploads/tides.md", "docs/a.md"} <= listed
+    assert not pending.parent.exists() and (settings.data_dir / "uploads" / "tides.md").is_file()
