@@ -276,6 +276,10 @@ BENCHES = {
         "decode tokens/s: transformers generate() vs lean loop vs Lookahead",
     ),
     "replicas": ("eval.bench_replicas", "API replicas sharing a Redis Cluster KV tier"),
+    "upload": (
+        "eval.bench_upload",
+        "a large upload as a job: time to answer, server memory, other document calls meanwhile",
+    ),
 }
 EVALS = {
     "retrieval": (

@@ -11,6 +11,7 @@ is one index transaction).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -138,6 +139,9 @@ class IngestJobs:
         folder = self.pending_dir / job.id
         t0 = time.perf_counter()
         job.status = "running"
+        with contextlib.suppress(OSError, AttributeError):  # Linux: per-thread niceness
+            # Background work: the kernel runs the event loop and generation first.
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
         def progress(done: int, total: int) -> None:
             job.progress = done / total if total else 1.0
