@@ -56,6 +56,9 @@ class FakeRAG:
     def redis_state(self) -> str:
         return "disabled"
 
+    def disk_state(self) -> str:
+        return "disabled"
+
     def persist_stats(self, min_interval_s: float = 0.0) -> None:
         pass
 

@@ -10,6 +10,7 @@ import os
 import signal
 import time
 
+import httpx
 import pytest
 import redis
 
@@ -70,6 +71,8 @@ def test_swapped_values_are_corrupt_misses_recomputed_and_overwritten(server):
     corrupt = rag.cache_stats()["corrupt"]
     assert answer(url, RED) == red and answer(url, BLUE) == blue
     assert rag.cache_stats()["corrupt"] == corrupt + 2
+    metrics = httpx.get(f"{url}/metrics").text
+    assert f'kvrag_cache_corrupt_total{{tier="redis"}} {corrupt + 2}.0' in metrics
     for key, value in stored(client).items():  # recomputed and written back under their keys
         loads(value, rag.store.fingerprint, expected_key=key)
 

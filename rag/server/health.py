@@ -33,19 +33,11 @@ def data_dir_writable(data_dir: Path) -> tuple[bool, str | None]:
             os.unlink(name)
 
 
-def disk_tier_state(rag: RAGService) -> str:
-    """ "disabled", "ok", or "failing" (its last write failed: serving misses)."""
-    disk = rag.store.disk
-    if disk is None:
-        return "disabled"
-    return "failing" if getattr(disk, "failing", False) else "ok"
-
-
 def health(rag: RAGService) -> dict:
     """The dependency fields of /healthz, and the status they add up to."""
     redis = rag.redis_state()
     writable, error = data_dir_writable(rag.settings.data_dir)
-    disk = disk_tier_state(rag)
+    disk = rag.disk_state()
     ok = redis != "down" and writable and disk != "failing"
     return {
         "status": "ok" if ok else "degraded",
