@@ -10,7 +10,15 @@ import httpx
 import pytest
 
 from rag.engine.stream_text import StopStream, held_back
-from tests.faults import chat, ingested, settings_for, sse_events, thread_server, upload
+from tests.faults import (
+    chat,
+    ingested,
+    settings_for,
+    sse_events,
+    thread_server,
+    upload,
+    wait_job,
+)
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +152,6 @@ def test_upload_is_a_job_and_a_second_writer_gets_409_at_once(api):
     delete = httpx.delete(f"{url}/v1/documents/docs/saltmere_weather.md", timeout=10)
     assert (second.status_code, delete.status_code) == (409, 409)
     assert httpx.get(f"{url}/v1/documents", timeout=10).status_code == 200
-    from tests.faults import wait_job
-
     done = wait_job(url, location)
     assert done["status"] == "done" and done["result"]["chunks"] > 1, done
     assert done["seconds"] > 0 and done["result"]["seconds"] > 0
@@ -160,3 +166,38 @@ def test_unreadable_upload_fails_its_job_with_a_reason(api):
     assert job["status"] == "failed" and job["error"]["code"] == "unreadable_document", job
     listed = {d["id"] for d in httpx.get(f"{url}/v1/documents").json()["data"]}
     assert "uploads/bad.pdf" not in listed
+
+
+def test_bad_bodies_and_hostile_names_never_5xx(api):
+    url, _ = api
+    chat_url = f"{url}/v1/chat/completions"
+    bodies = [
+        b"",
+        b"null",
+        b"[]",
+        b'{"messages": []}',
+        b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+        b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e309}',
+        b'{"messages": [{"role": "user", "content": "hi"}], "stop": [null]}',
+        b'{"messages": [{"role": "user", "content": "hi"}], "kvrag": {"k": 0}}',
+        '{"messages": [{"role": "user", "content": "hi"}], "model": "\u202e"}'.encode()[:-3],
+    ]
+    for body in bodies:
+        r = httpx.post(chat_url, content=body, headers={"content-type": "application/json"})
+        assert 400 <= r.status_code < 500, (body, r.status_code, r.text)
+        assert set(r.json()) == {"error"} and "Traceback" not in r.text
+    for name in ("../../etc/passwd.md", "/abs/x.md", "..\\..\\win.txt", "a\x00b.md", "\u202e.md"):
+        r = httpx.post(f"{url}/v1/documents", json={"text": "Hostile name.", "name": name})
+        if r.status_code == 202:
+            job = upload_done(url, r)
+            doc = job["document"]
+            assert doc.startswith("uploads/") and "/" not in doc[len("uploads/") :], doc
+            assert httpx.delete(f"{url}/v1/documents/{doc}", timeout=60).status_code == 200
+        else:
+            assert r.status_code == 400, (name, r.text)
+
+
+def upload_done(url: str, r: httpx.Response) -> dict:
+    job = wait_job(url, r.headers["Location"])
+    assert job["status"] == "done", job
+    return job
