@@ -149,7 +149,10 @@ def test_auth_on(live):
 
 def test_uploaded_document_is_retrievable_at_once(live):
     server, rag, settings = live
-    fact = "The Storm Petrel, a fast catamaran, began service between Kellhaven and Port Ellery in 2024."
+    fact = (
+        "The Storm Petrel, a fast catamaran, began service between Kellhaven and Port Ellery "
+        "in 2024."
+    )
     files = {"file": ("../../new ferry.md", f"# Ferry news\n\n{fact}\n".encode(), "text/markdown")}
     job = upload(server.url, files=files)
     assert job["status"] == "done" and job["document"] == "uploads/new ferry.md", job
