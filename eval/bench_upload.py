@@ -90,6 +90,7 @@ def cmd_bench_upload(args: argparse.Namespace, settings: Settings) -> int:
             server.terminate()
             server.wait(timeout=60)
     result.update(mb=args.mb, chunker=args.chunker, bytes=len(text.encode()))
+    result["load_average_1m_at_end"] = round(os.getloadavg()[0], 1)  # a shared machine says so
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     _plot(result, args.out.with_suffix(".png"))
@@ -113,6 +114,7 @@ def _run(url: str, server: subprocess.Popen, text: str, args: argparse.Namespace
     # Idle: after one list call (the embedder of the ingestion thread loads on the first job).
     httpx.get(url + "/v1/documents", timeout=30)
     idle = rss_mb(proc)
+    load_at_start = os.getloadavg()[0]
     t0 = time.perf_counter()
     r = httpx.post(
         url + "/v1/documents", json={"text": text, "name": "large.md"}, timeout=args.max_seconds
@@ -155,6 +157,7 @@ def _run(url: str, server: subprocess.Popen, text: str, args: argparse.Namespace
         "answer_s": round(answer_s, 3),
         "status_at_answer": r.json()["status"],
         "job": job,
+        "load_average_1m_at_start": round(load_at_start, 1),
         "idle_rss_mb": round(idle, 1),
         "peak_rss_mb": round(peak, 1),
         "calls_max_ms": {k: max(v) if v else None for k, v in calls.items()},
