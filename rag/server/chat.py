@@ -98,7 +98,9 @@ class ChatRunner:
         cancel, job = Cancel(), Job()
         try:
             if req.stream:
-                deltas = self.worker.stream(run, cancel, job)
+                deltas = await _started(self.worker.stream(run, cancel, job))
+                if isinstance(job.error, PromptTooLong):  # failed before any text: a real 400
+                    raise job.error
                 return StreamingResponse(
                     self._sse(deltas, job, cid, created),
                     media_type="text/event-stream",
@@ -180,6 +182,21 @@ class ChatRunner:
                 kvrag=kvrag_info(ans, job.queued_ms),
             )
         yield "data: [DONE]\n\n"
+
+
+async def _started(deltas: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Wait for the first delta or the end, so an error raised before any text (the prompt
+    does not fit) is answered with its own status instead of 200 and an error event."""
+    it = aiter(deltas)
+    first = await anext(it, None)
+
+    async def rest() -> AsyncIterator[str]:
+        if first is not None:
+            yield first
+            async for delta in it:
+                yield delta
+
+    return rest()
 
 
 def _context_error(e: PromptTooLong) -> ApiError:
