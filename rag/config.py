@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     # hybrid = the vector index fused with BM25 over the chunk texts (rag/retriever.py); dense = vectors only.
     retrieval: Literal["hybrid", "dense"] = "hybrid"
     system_prompt: str = SYSTEM_PROMPT
+    # Chat: tokens of earlier turns kept in the prompt (oldest dropped first), and what a
+    # follow-up retrieves with (rag/conversation.py; eval/RESULTS_conversations.md compares them).
+    history_tokens: int = Field(384, ge=0, le=4096)
+    conversation_query: Literal["last", "concat", "rewrite"] = "concat"
 
     mode: Literal["full", "reuse", "blend"] = "blend"
     blend_ratio: float = Field(0.15, ge=0.0, le=1.0)

@@ -138,16 +138,59 @@ def test_chat_json_and_sse(open_app):
     }
     assert set(info["timings_ms"]) >= {"retrieve", "kv_load", "blend", "ttft", "total", "queue"}
     assert info["cache"]["recomputed_tokens"] == 1
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=_chat(stream=True)) as r:
+    body = _chat(stream=True, stream_options={"include_usage": True})
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
     assert lines[-1] == "[DONE]"
     chunks = [json.loads(x) for x in lines[:-1]]
-    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "w0 w1 w2"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == "w0 w1 w2"
     assert (
-        chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["kvrag"]["citations"]
+        chunks[-2]["choices"][0]["finish_reason"] == "length" and chunks[-2]["kvrag"]["citations"]
     )
-    assert chunks[-1]["usage"]["total_tokens"] == 13
+    # stream_options.include_usage: a last chunk with the usage and no choices
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 13
+    assert all("usage" not in c for c in chunks[:-1])
+
+
+def test_unsupported_features_are_clear_400s(open_app):
+    url, rag = open_app
+    for extra, param in (
+        ({"n": 2}, "n"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tool_choice": "required"}, "tool_choice"),
+    ):
+        r = httpx.post(f"{url}/v1/chat/completions", json=_chat(**extra))
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == param and err["code"] == "unsupported_parameter", err
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "q", "n": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    assert not rag.calls
+    r = httpx.post(f"{url}/v1/chat/completions", json=_chat(response_format={"type": "text"}))
+    assert r.status_code == 200
+
+
+def test_legacy_completions_and_model_retrieve(open_app):
+    url, rag = open_app
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "How tall?", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["choices"][0]["text"] == "w0 w1"
+    assert rag.calls == ["How tall?"] and body["kvrag"]["citations"]
+    body = {"prompt": ["q"], "max_tokens": 2, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body) as r:
+        lines = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+    chunks = [json.loads(x) for x in lines[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "w0 w1"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert httpx.get(f"{url}/v1/models/fake-lm").json()["id"] == "fake-lm"
+    r = httpx.get(f"{url}/v1/models/gpt-9")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = httpx.post(f"{url}/nowhere/at/all", json={})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
 
 
 @pytest.mark.parametrize(
