@@ -272,6 +272,10 @@ BENCHES = {
     "replicas": ("eval.bench_replicas", "API replicas sharing a Redis Cluster KV tier"),
 }
 EVALS = {
+    "conversations": (
+        "eval.conversations",
+        "follow-up retrieval per query method (hit@k) and follow-up vs first-turn TTFT",
+    ),
     "retrieval": (
         "eval.retrieval",
         "chunkers on Chroma's token-level retrieval benchmark (IoU family)",

@@ -139,6 +139,13 @@ class RAGService:
         with self._index_lock:
             return self.docstore.list_documents()
 
+    def document_text(self, doc_id: str) -> str | None:
+        """A current document's text (citation offsets point into it), None if absent."""
+        self.reload_index()
+        with self._index_lock:
+            doc = self.docstore.get_document(doc_id)
+        return doc.text if doc is not None else None
+
     def retrieve(self, question: str, k: int) -> list[Hit]:
         self.reload_index()
         vec = self.embedder.embed([question])[0]

@@ -62,6 +62,9 @@ class FakeRAG:
     def forget_chunks(self, chunks) -> None:
         pass
 
+    def document_text(self, doc_id: str) -> str | None:
+        return "Intro. Greywater Point is 34 m tall." if doc_id == "docs/a.md" else None
+
     def retrieve(self, question: str, k: int) -> list[Hit]:
         chunk = Chunk(7, "docs/a.md", 10, 30, "Greywater Point is 34 m", 6, "h")
         return [Hit(chunk, 0.9)][:k]
@@ -415,3 +418,20 @@ def test_schema_fuzz_never_500(tmp_path, mode):
     fuzz()
     assert seen & ({400, 413, 415} if mode == GenerationMode.NEGATIVE else {200, 201})
     assert mode == GenerationMode.NEGATIVE or rag.calls  # positive bodies reached generation
+
+
+def test_chat_page_and_document_text_behind_auth(tmp_path):
+    rag = FakeRAG(_settings(tmp_path, keys=KEY))
+    with ThreadServer(create_app(rag.settings, rag)) as server:
+        page = httpx.get(f"{server.url}/")  # the page is open: the key is entered on it
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert '<script src="/static/chat.js">' in page.text and "http" not in page.text
+        js = httpx.get(f"{server.url}/static/chat.js")
+        assert js.status_code == 200 and "/v1/chat/completions" in js.text
+        url = f"{server.url}/v1/documents/docs/a.md/text"
+        assert httpx.get(url).status_code == 401
+        auth = {"Authorization": f"Bearer {KEY}"}
+        body = httpx.get(url, headers=auth).json()
+        assert body["id"] == "docs/a.md" and body["text"].endswith("34 m tall.")
+        r = httpx.get(f"{server.url}/v1/documents/docs/none.md/text", headers=auth)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "document_not_found"

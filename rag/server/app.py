@@ -24,6 +24,7 @@ from rag.server.completions import completions_router
 from rag.server.documents import DocumentService, documents_router
 from rag.server.errors import ApiError, BodyLimit, install_error_handlers
 from rag.server.metrics import Metrics, RequestCounter
+from rag.server.page import document_text_router, install_page
 from rag.server.schemas import (
     MAX_BODY_BYTES,
     MAX_UPLOAD_BYTES,
@@ -125,8 +126,10 @@ def create_app(
         }
 
     v1.include_router(completions_router(chat))
+    v1.include_router(document_text_router(rag))
     v1.include_router(documents_router(docs))
     app.include_router(v1)
+    install_page(app)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> JSONResponse:
