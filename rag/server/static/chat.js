@@ -119,6 +119,7 @@ async function ask(question) {
   div.classList.add("streaming");
   const textEl = div.querySelector(".text");
   let text = "";
+  let deltas = 0;
   let info = null;
   let usage = null;
   try {
@@ -140,6 +141,7 @@ async function ask(question) {
       if (choice && choice.delta && choice.delta.content) {
         text += choice.delta.content;
         textEl.textContent = text;
+        div.dataset.deltas = ++deltas;
         div.scrollIntoView({ block: "end" });
       }
       if (event.kvrag) info = event.kvrag;
