@@ -193,10 +193,10 @@ def plot(result: dict, path: Path) -> None:
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.set_xticks(range(len(methods)), methods)
     ax.set_ylabel(f"doc hit@{k} (%)")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 120)
     n = summary[methods[0]]["follow_up"]["n"]
     ax.set_title(f"Retrieval per query method, {n} two-turn conversations")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
