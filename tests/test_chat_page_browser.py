@@ -74,8 +74,10 @@ def _ask(driver, question: str, n_before: int):
     box = driver.find_element(By.ID, "question")
     box.send_keys(question, Keys.ENTER)
     done = WebDriverWait(driver, ANSWER_TIMEOUT_S).until(
-        lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done='1']")[n_before:]
-        or d.find_element(By.ID, "error").text
+        lambda d: (
+            d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done='1']")[n_before:]
+            or d.find_element(By.ID, "error").text
+        )
     )
     assert not isinstance(done, str), done  # the page showed an error instead
     return done[0]
