@@ -284,6 +284,10 @@ BENCHES = {
     ),
 }
 EVALS = {
+    "conversations": (
+        "eval.conversations",
+        "follow-up retrieval per query method (hit@k) and follow-up vs first-turn TTFT",
+    ),
     "retrieval": (
         "eval.retrieval",
         "chunkers on Chroma's token-level retrieval benchmark (IoU family)",
