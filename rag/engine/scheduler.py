@@ -144,6 +144,7 @@ class Scheduler:
         eng.release(seq.cache)
         if seq.error is not None:
             raise seq.error
+        seq.out.close()  # the text held back for a stop string that never came
         r = seq.result
         r.ids, r.text, r.finish = seq.out.ids, seq.out.final_text(), seq.out.finish
         with self._memory:
