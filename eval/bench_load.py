@@ -67,6 +67,7 @@ async def _one(
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
+        "stream_options": {"include_usage": True},  # completion tokens in a last chunk
         "kvrag": opts,
     }
     t0 = time.perf_counter()
