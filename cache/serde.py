@@ -131,7 +131,8 @@ def loads(data: bytes | bytearray | memoryview, expected_fingerprint: str | None
     itemsize = dtype.itemsize
     if payload_len != 2 * numel * itemsize:
         raise CorruptEntry(
-            f"shape {shape} {dtype} needs {2 * numel * itemsize} payload bytes, header says {payload_len}"
+            f"shape {shape} {dtype} needs {2 * numel * itemsize} payload bytes, "
+            f"header says {payload_len}"
         )
     if len(mv) != header_len + payload_len:
         what = "truncated" if len(mv) < header_len + payload_len else "trailing bytes"

@@ -52,7 +52,8 @@ class IngestSummary:
     def describe(self) -> str:
         """One human line, plus one per failed file."""
         lines = [
-            f"{self.chunker}: {self.files} files: {self.added} added, {self.updated} updated, {self.unchanged} unchanged, "
+            f"{self.chunker}: {self.files} files: {self.added} added, {self.updated} updated, "
+            f"{self.unchanged} unchanged, "
             f"{self.deleted} deleted, {len(self.failed)} failed; chunks +{self.chunks_added} "
             f"-{self.chunks_removed}; {self.seconds:.1f} s, {self.tokens_per_s:,.0f} tokens/s"
         ]

@@ -41,7 +41,8 @@ def _decode(data: bytes) -> str:
 
 
 def html_to_text(html: str) -> str:
-    """Visible text of an HTML page: block elements on their own lines, scripts and styles dropped."""
+    """Visible text of an HTML page: block elements on their own lines, scripts and styles
+    dropped."""
     from bs4 import BeautifulSoup
 
     soup = BeautifulSoup(html, "html.parser")

@@ -147,8 +147,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
     )
     for tier, c in kv["tiers"].items():
         print(
-            f"kv_cache {tier}: hits {c['hits']}, misses {c['misses']}, read {c['bytes_read'] / 2**20:.1f} MiB, "
-            f"written {c['bytes_written'] / 2**20:.1f} MiB, evictions {c['evictions']}, corrupt {c['corrupt']}, "
+            f"kv_cache {tier}: hits {c['hits']}, misses {c['misses']}, "
+            f"read {c['bytes_read'] / 2**20:.1f} MiB, "
+            f"written {c['bytes_written'] / 2**20:.1f} MiB, evictions {c['evictions']}, "
+            f"corrupt {c['corrupt']}, "
             f"errors {c['errors']}"
         )
     return 0
@@ -284,7 +286,8 @@ EVALS = {
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    """`kvrag bench NAME ...` / `kvrag eval NAME ...`: import the module, parse its arguments, run it."""
+    """`kvrag bench NAME ...` / `kvrag eval NAME ...`: import the module, parse its arguments,
+    run it."""
     import importlib
 
     module, help_text = (BENCHES if args.kind == "bench" else EVALS)[args.name]

@@ -339,7 +339,8 @@ def test_metrics(open_app):
 
 
 # -- schemathesis: generated bodies (valid and not) never get a 5xx ----------------------
-# (The Python API with hypothesis' @given: schemathesis' pytest plugin does not load under pytest 9.)
+# (The Python API with hypothesis' @given: schemathesis' pytest plugin does not load under
+# pytest 9.)
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.NEGATIVE, GenerationMode.POSITIVE])

@@ -148,7 +148,10 @@ def test_auth_on(live):
 
 def test_uploaded_document_is_retrievable_at_once(live):
     server, rag, settings = live
-    fact = "The Storm Petrel, a fast catamaran, began service between Kellhaven and Port Ellery in 2024."
+    fact = (
+        "The Storm Petrel, a fast catamaran, began service between Kellhaven and Port Ellery "
+        "in 2024."
+    )
     files = {"file": ("../../new ferry.md", f"# Ferry news\n\n{fact}\n".encode(), "text/markdown")}
     r = httpx.post(f"{server.url}/v1/documents", files=files, timeout=120)
     assert r.status_code == 201, r.text

@@ -164,7 +164,8 @@ def test_stats_snapshot_and_reset(tmp_path):
 
 
 def test_persisted_stats_sum_over_stores_and_count_once(tmp_path):
-    """Every process adds its own traffic to one totals file; persisting twice adds nothing twice."""
+    """Every process adds its own traffic to one totals file; persisting twice adds nothing
+    twice."""
     path = tmp_path / "cache_stats.json"
     a, b = store_with(tmp_path / "a"), store_with(tmp_path / "b")
     a.stats_path = b.stats_path = path

@@ -11,7 +11,8 @@ CHUNKERS = ("meta-ppl", "meta-margin", "token", "recursive", "semantic")
 def make_chunker(
     name: str, resources: Resources, size: int = 200, overlap: int = 0, **options
 ) -> Chunker:
-    """A chunker by name; `options` go to its constructor (e.g. threshold, max_tokens, percentile)."""
+    """A chunker by name; `options` go to its constructor (e.g. threshold, max_tokens,
+    percentile)."""
     if name == "token":
         from ingest.chunkers.token import TokenChunker
 

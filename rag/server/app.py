@@ -118,7 +118,8 @@ def create_app(
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> JSONResponse:
-        """Liveness and readiness: answers while a generation runs (it never waits on the worker)."""
+        """Liveness and readiness: answers while a generation runs (it never waits on the
+        worker)."""
         await run_in_threadpool(rag.reload_index)
         redis = await run_in_threadpool(rag.redis_state)
         body = {

@@ -76,7 +76,8 @@ class ChatRunner:
         max_new = req.max_completion_tokens or req.max_tokens
         params = GenerationParams(
             max_new_tokens=self.rag.settings.max_new_tokens if max_new is None else max_new,
-            # A vanishing temperature overflows logits/T to inf (NaN probabilities): it means greedy.
+            # A vanishing temperature overflows logits/T to inf (NaN probabilities): it means
+            # greedy.
             temperature=req.temperature if req.temperature >= MIN_TEMPERATURE else 0.0,
             top_p=req.top_p,
             stop=req.stop_list(),
