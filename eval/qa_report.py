@@ -103,7 +103,7 @@ def plot_ttft(rows: list[dict], path: Path) -> Path:
 
 def plot_fidelity(rows: list[dict], path: Path) -> Path:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    fig, ax = plt.subplots(figsize=(6.4, 5.0), dpi=120)
     blends = _blend_rows(rows)
     xs = [100 * r["ratio"] for r in blends]
     for key, name, style in (
@@ -127,7 +127,8 @@ def plot_fidelity(rows: list[dict], path: Path) -> Path:
     ax.set_ylim(0, 102)
     ax.set_title("Fidelity to full prefill against recompute ratio")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    # Below the axes: the lines span the whole height.
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
