@@ -79,6 +79,17 @@ def plan_runs(modes: list[str], ratios: list[float]) -> list[Run]:
     return runs
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def _percentile(xs: list[float], q: float) -> float | None:
     return round(float(np.percentile(xs, q)), 1) if xs else None
 
@@ -181,7 +192,7 @@ def run_qa_eval(
         "kl_answer_tokens": kl_tokens,
         "dtype": settings.torch_dtype,
         "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
+        "machine": cpu_name(),
         "date": time.strftime("%Y-%m-%d"),
         "seconds": round(time.perf_counter() - t_start, 1),
     }
@@ -189,7 +200,10 @@ def run_qa_eval(
     return result
 
 
-def _question_row(service, item: QAItem, runs: list[Run], i: int, k, params, kl_tokens) -> dict:
+def _question_row(
+    service, item: QAItem, runs: list[Run], i: int, k: int, params, kl_tokens: int
+) -> dict:
+    """One question in every run (in an order rotated by i), scored against full's answer."""
     hits = service.retrieve(item.question, k)
     # Documents are ingested as files named by their doc: the chunk's doc id is that path.
     spans = [(Path(h.chunk.doc_id).stem, h.chunk.start, h.chunk.end) for h in hits]
