@@ -292,6 +292,10 @@ EVALS = {
         "eval.retrieval",
         "chunkers on Chroma's token-level retrieval benchmark (IoU family)",
     ),
+    "qa": (
+        "eval.qa",
+        "answers on a SQuAD-format dataset: EM/F1, and fidelity to full prefill per mode/ratio",
+    ),
 }
 
 
