@@ -50,6 +50,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         chunk_overlap=args.chunk_overlap,
         delete_missing=args.delete_missing,
+        follow_links=args.follow_links,
         on_removed=_kv_evictor(s),
         progress=not (args.json or args.no_progress),
     )
@@ -192,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--delete-missing", action="store_true", help="remove documents under PATHs that are gone"
     )
+    s.add_argument(
+        "--follow-links",
+        action="store_true",
+        help="follow symbolic links that lead outside the folders named (refused by default)",
+    )
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
     s.set_defaults(func=cmd_ingest)
@@ -272,6 +278,10 @@ BENCHES = {
         "decode tokens/s: transformers generate() vs lean loop vs Lookahead",
     ),
     "replicas": ("eval.bench_replicas", "API replicas sharing a Redis Cluster KV tier"),
+    "upload": (
+        "eval.bench_upload",
+        "a large upload as a job: time to answer, server memory, other document calls meanwhile",
+    ),
 }
 EVALS = {
     "conversations": (
@@ -281,6 +291,10 @@ EVALS = {
     "retrieval": (
         "eval.retrieval",
         "chunkers on Chroma's token-level retrieval benchmark (IoU family)",
+    ),
+    "qa": (
+        "eval.qa",
+        "answers on a SQuAD-format dataset: EM/F1, and fidelity to full prefill per mode/ratio",
     ),
 }
 
@@ -305,7 +319,13 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    return args.func(args)
+    from ingest.job import IndexBusy
+
+    try:
+        return args.func(args)
+    except IndexBusy as e:  # an expected conflict, not a crash: one line, no traceback
+        print(f"kvrag {args.command}: {e}; try again when it finishes", file=sys.stderr)
+        return 75  # EX_TEMPFAIL
 
 
 if __name__ == "__main__":

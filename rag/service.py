@@ -190,6 +190,13 @@ class RAGService:
             return "disabled"
         return "up" if redis.is_up() else "down"
 
+    def disk_state(self) -> str:
+        """ "disabled" (no disk tier), "ok", or "failing" (its last write failed)."""
+        disk = self.store.disk
+        if disk is None:
+            return "disabled"
+        return "failing" if getattr(disk, "failing", False) else "ok"
+
     # -- answer -----------------------------------------------------------------
     def answer(
         self,

@@ -22,6 +22,7 @@ from rag.server.app import create_app
 from rag.server.run import ThreadServer
 from rag.service import RAGService
 from tests.conftest import SAMPLES
+from tests.faults import upload
 
 KEY = "sk-live-test"
 FAST = {"k": 2, "mode": "blend"}
@@ -157,31 +158,28 @@ def test_uploaded_document_is_retrievable_at_once(live):
         "in 2024."
     )
     files = {"file": ("../../new ferry.md", f"# Ferry news\n\n{fact}\n".encode(), "text/markdown")}
-    r = httpx.post(f"{server.url}/v1/documents", files=files, timeout=120)
-    assert r.status_code == 201, r.text
-    doc = r.json()
-    assert doc["id"] == "uploads/new_ferry.md" and doc["chunks"] == 1
-    assert (settings.data_dir / "uploads" / "new_ferry.md").is_file()
+    job = upload(server.url, files=files)
+    assert job["status"] == "done" and job["document"] == "uploads/new ferry.md", job
+    assert job["result"]["chunks"] == 1 and job["result"]["status"] == "added"
+    assert (settings.data_dir / "uploads" / "new ferry.md").is_file()
     hits = httpx.post(
         f"{server.url}/v1/retrieve", json={"query": "Storm Petrel catamaran", "k": 1}
     ).json()
     assert (
-        hits["data"][0]["doc_id"] == "uploads/new_ferry.md"
+        hits["data"][0]["doc_id"] == "uploads/new ferry.md"
         and "Storm Petrel" in hits["data"][0]["text"]
     )
-    r = httpx.post(
-        f"{server.url}/v1/documents", json={"text": "Short note about puffins.", "name": "note.txt"}
-    )
-    assert r.status_code == 201 and r.json()["id"] == "uploads/note.txt"
+    job = upload(server.url, json={"text": "Short note about puffins.", "name": "note.txt"})
+    assert job["status"] == "done" and job["document"] == "uploads/note.txt"
     ids = [d["id"] for d in httpx.get(f"{server.url}/v1/documents").json()["data"]]
-    assert {"uploads/new_ferry.md", "uploads/note.txt", "docs/saltmere_weather.md"} <= set(ids)
-    for doc_id in ("uploads/new_ferry.md", "uploads/note.txt"):
+    assert {"uploads/new ferry.md", "uploads/note.txt", "docs/saltmere_weather.md"} <= set(ids)
+    for doc_id in ("uploads/new ferry.md", "uploads/note.txt"):
         assert httpx.delete(f"{server.url}/v1/documents/{doc_id}", timeout=60).status_code == 200
     assert httpx.delete(f"{server.url}/v1/documents/uploads/note.txt").status_code == 404
     hits = httpx.post(
         f"{server.url}/v1/retrieve", json={"query": "Storm Petrel catamaran", "k": 3}
     ).json()
-    assert all(h["doc_id"] != "uploads/new_ferry.md" for h in hits["data"])
+    assert all(h["doc_id"] != "uploads/new ferry.md" for h in hits["data"])
 
 
 def test_eight_concurrent_streams_finish_and_health_answers(live):

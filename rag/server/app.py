@@ -23,6 +23,7 @@ from rag.server.chat import ChatRunner
 from rag.server.completions import completions_router
 from rag.server.documents import DocumentService, documents_router
 from rag.server.errors import ApiError, BodyLimit, install_error_handlers
+from rag.server.health import health
 from rag.server.metrics import Metrics, RequestCounter
 from rag.server.page import document_text_router, install_page
 from rag.server.schemas import (
@@ -66,6 +67,10 @@ def create_app(
         title="kvrag",
         version="0.1.0",
         lifespan=lifespan,
+        # The interactive pages load their scripts from a CDN: off (the schema stays at
+        # /openapi.json), so a server in a closed network serves nothing it cannot back.
+        docs_url=None,
+        redoc_url=None,
         description="RAG serving that reuses precomputed chunk KV caches (CacheBlend).",
     )
     app.state.rag, app.state.worker, app.state.metrics = rag, worker, metrics
@@ -111,6 +116,8 @@ def create_app(
     @v1.post("/v1/retrieve", response_model=RetrieveResponse, tags=["retrieval"])
     async def retrieve(body: RetrieveRequest) -> dict:
         """The top-k chunks for a query, with scores and exact character spans."""
+        if not body.query.strip():  # as chat refuses a blank question
+            raise ApiError(400, "query: must contain text", "invalid_request", "query")
         k = body.k or settings.top_k
         t0 = time.perf_counter()
         try:  # through the worker: the embedder is not thread-safe either
@@ -136,13 +143,13 @@ def create_app(
         """Liveness and readiness: answers while a generation runs (it never waits on the
         worker)."""
         await run_in_threadpool(rag.reload_index)
-        redis = await run_in_threadpool(rag.redis_state)
+        deps = await run_in_threadpool(health, rag)
         body = {
-            "status": "ok" if redis != "down" else "degraded",
+            "status": deps.pop("status"),
             "model_loaded": True,
             "model": model_id,
             "index_size": len(rag.index),
-            "redis": redis,
+            **deps,
             "queue_depth": worker.depth,
             "generating": worker.busy,
         }

@@ -114,7 +114,9 @@ class ChatRunner:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         try:
             if req.stream:
-                deltas = self.worker.stream(run, cancel, job)
+                deltas = await _started(self.worker.stream(run, cancel, job))
+                if isinstance(job.error, PromptTooLong):  # failed before any text: a real 400
+                    raise job.error
                 return StreamingResponse(
                     self._sse(deltas, job, shape, cid, created, include_usage),
                     media_type="text/event-stream",
@@ -196,6 +198,21 @@ class ChatRunner:
             if include_usage:  # OpenAI's stream_options: one more chunk, usage and no choices
                 yield event([], usage=ans.request.usage())
         yield "data: [DONE]\n\n"
+
+
+async def _started(deltas: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Wait for the first delta or the end, so an error raised before any text (the prompt
+    does not fit) is answered with its own status instead of 200 and an error event."""
+    it = aiter(deltas)
+    first = await anext(it, None)
+
+    async def rest() -> AsyncIterator[str]:
+        if first is not None:
+            yield first
+            async for delta in it:
+                yield delta
+
+    return rest()
 
 
 def _context_error(e: PromptTooLong) -> ApiError:

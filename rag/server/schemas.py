@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from rag.conversation import Conversation
 
@@ -88,6 +88,12 @@ class ChatRequest(Strict):
     response_format: dict | None = None
     logprobs: bool | None = None
     kvrag: KvragOptions | None = None
+
+    @field_validator("temperature", "top_p", "n", "stream", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: object, info: ValidationInfo) -> object:
+        # OpenAI accepts null for these (clients send it for "unset").
+        return cls.model_fields[info.field_name].default if value is None else value
 
     def question(self) -> str:
         """The last user message: the question asked."""
