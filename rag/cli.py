@@ -284,9 +284,17 @@ BENCHES = {
     ),
 }
 EVALS = {
+    "conversations": (
+        "eval.conversations",
+        "follow-up retrieval per query method (hit@k) and follow-up vs first-turn TTFT",
+    ),
     "retrieval": (
         "eval.retrieval",
         "chunkers on Chroma's token-level retrieval benchmark (IoU family)",
+    ),
+    "qa": (
+        "eval.qa",
+        "answers on a SQuAD-format dataset: EM/F1, and fidelity to full prefill per mode/ratio",
     ),
 }
 

@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     # dense = vectors only.
     retrieval: Literal["hybrid", "dense"] = "hybrid"
     system_prompt: str = SYSTEM_PROMPT
+    # Chat: tokens of earlier turns kept in the prompt (oldest dropped first), and what a
+    # follow-up retrieves with (rag/conversation.py; eval/RESULTS_conversations.md compares them).
+    history_tokens: int = Field(384, ge=0, le=4096)
+    conversation_query: Literal["last", "concat", "rewrite"] = "concat"
 
     mode: Literal["full", "reuse", "blend"] = "blend"
     blend_ratio: float = Field(0.15, ge=0.0, le=1.0)

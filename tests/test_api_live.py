@@ -98,14 +98,18 @@ def test_openai_client_stream(client):
                 "content": "What is the highest wind gust ever recorded in the islands?",
             }
         ],
+        stream_options={"include_usage": True},
         extra_body={"kvrag": FAST},
     )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip()
-    last = chunks[-1]
+    last, usage = chunks[-2], chunks[-1]
     assert last.choices[0].finish_reason in ("stop", "length")
-    assert last.usage.completion_tokens > 0
+    assert usage.choices == [] and usage.usage.completion_tokens > 0
+    # the header and the chunks (from the store or computed just now) minus the recomputed ones
+    cached = usage.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < usage.usage.prompt_tokens
     info = last.model_extra["kvrag"]
     assert info["citations"] and info["cache"]["kv_hits"] + info["cache"]["kv_misses"] == 2
     assert info["timings_ms"]["ttft"] > 0
@@ -233,3 +237,87 @@ def test_health_and_metrics(live):
     assert 'kvrag_cache_hits_total{tier="memory"}' in text
     ratio = float(text.split("\nkvrag_recomputed_token_ratio ")[1].split()[0])
     assert 0 < ratio < 1
+
+
+def test_follow_up_uses_the_earlier_turn(client):
+    """The follow-up "When was it automated?" only makes sense with the first turn."""
+    first = "How tall is the Greywater Point lighthouse?"
+    r1 = client.chat.completions.create(
+        model="m",
+        max_tokens=16,
+        messages=[{"role": "user", "content": first}],
+        extra_body={"kvrag": FAST},
+    )
+    info1 = r1.model_extra["kvrag"]
+    assert info1["conversation"]["turns_used"] == 0
+    messages = [
+        {"role": "system", "content": "Answer in a few words."},
+        {"role": "user", "content": first},
+        {"role": "assistant", "content": r1.choices[0].message.content},
+        {"role": "user", "content": "When was it automated?"},
+    ]
+    r2 = client.chat.completions.create(
+        model="m", max_tokens=16, messages=messages, extra_body={"kvrag": FAST}
+    )
+    info2 = r2.model_extra["kvrag"]
+    assert info2["conversation"]["turns_used"] == 2
+    assert info2["conversation"]["turns_dropped"] == 0
+    assert "Greywater" in info2["conversation"]["retrieval_query"]
+    assert "docs/saltmere_lighthouses.md" in {c["doc_id"] for c in info2["citations"]}
+    # the history and instructions are in the prompt: it grew by more than the new question
+    assert r2.usage.prompt_tokens > r1.usage.prompt_tokens + 20
+    details = r2.usage.prompt_tokens_details
+    assert 0 < details.cached_tokens < r2.usage.prompt_tokens
+
+
+def test_sdk_completions_and_model_retrieve(client, live):
+    _, rag, _ = live
+    assert client.models.retrieve(rag.model_name).id == rag.model_name
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+    r = client.completions.create(
+        model="m",
+        prompt="How long is the ferry crossing?",
+        max_tokens=8,
+        extra_body={"kvrag": FAST},
+    )
+    assert r.object == "text_completion" and r.choices[0].text.strip()
+    stream = client.completions.create(
+        model="m",
+        prompt="How long is the ferry crossing?",
+        max_tokens=8,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"kvrag": FAST},
+    )
+    events = list(stream)
+    assert "".join(e.choices[0].text for e in events if e.choices).strip()
+    assert events[-1].usage.completion_tokens > 0
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="m", n=2, messages=[{"role": "user", "content": "q"}])
+    assert e.value.body["param"] == "n"
+
+
+@pytest.mark.parametrize("is_chat_model", [True, False])
+def test_llama_index_openai_like(live, is_chat_model):
+    from llama_index.core.llms import ChatMessage
+    from llama_index.llms.openai_like import OpenAILike
+
+    server, *_ = live
+    llm = OpenAILike(
+        model="SmolLM2-135M-Instruct",
+        api_base=f"{server.url}/v1",
+        api_key="unused",
+        is_chat_model=is_chat_model,
+        max_tokens=8,
+        temperature=0.0,
+        timeout=300,
+        max_retries=0,
+        additional_kwargs={"extra_body": {"kvrag": FAST}},
+    )
+    question = "How tall is the Greywater Point lighthouse?"
+    assert llm.complete(question).text.strip()
+    messages = [ChatMessage(role="user", content=question)]
+    assert llm.chat(messages).message.content.strip()
+    pieces = [r.delta or "" for r in llm.stream_chat(messages)]
+    assert len(pieces) >= 1 and "".join(pieces).strip()

@@ -20,10 +20,12 @@ from starlette.concurrency import run_in_threadpool
 from rag.config import Settings
 from rag.server.auth import bearer_auth, parse_keys
 from rag.server.chat import ChatRunner
+from rag.server.completions import completions_router
 from rag.server.documents import DocumentService, documents_router
 from rag.server.errors import ApiError, BodyLimit, install_error_handlers
 from rag.server.health import health
 from rag.server.metrics import Metrics, RequestCounter
+from rag.server.page import document_text_router, install_page
 from rag.server.schemas import (
     MAX_BODY_BYTES,
     MAX_UPLOAD_BYTES,
@@ -94,12 +96,22 @@ def create_app(
         """OpenAI chat completion; the last user message is the retrieval query."""
         return await chat.handle(body, request)
 
+    model_card = {"id": model_id, "object": "model", "created": started, "owned_by": "kvrag"}
+
     @v1.get("/v1/models", tags=["chat"])
     async def list_models() -> dict:
-        return {
-            "object": "list",
-            "data": [{"id": model_id, "object": "model", "created": started, "owned_by": "kvrag"}],
-        }
+        return {"object": "list", "data": [model_card]}
+
+    @v1.get("/v1/models/{model:path}", tags=["chat"])
+    async def retrieve_model(model: str) -> dict:
+        if model != model_id:
+            raise ApiError(
+                404,
+                f"model {model!r} not found; this server has {model_id!r}",
+                "model_not_found",
+                "model",
+            )
+        return model_card
 
     @v1.post("/v1/retrieve", response_model=RetrieveResponse, tags=["retrieval"])
     async def retrieve(body: RetrieveRequest) -> dict:
@@ -120,8 +132,11 @@ def create_app(
             "timings_ms": {"retrieve": round(1000 * (time.perf_counter() - t0), 1)},
         }
 
+    v1.include_router(completions_router(chat))
+    v1.include_router(document_text_router(rag))
     v1.include_router(documents_router(docs))
     app.include_router(v1)
+    install_page(app)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> JSONResponse:
