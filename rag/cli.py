@@ -276,6 +276,10 @@ EVALS = {
         "eval.retrieval",
         "chunkers on Chroma's token-level retrieval benchmark (IoU family)",
     ),
+    "covidqa": (
+        "eval.covidqa_corpus",
+        "a SQuAD-format data set (COVID-QA) as corpora + questions for `eval retrieval`",
+    ),
 }
 
 
