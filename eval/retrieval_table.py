@@ -16,6 +16,14 @@ from eval.report import markdown_table, scatter_plot
 from eval.retrieval import COLUMNS
 
 
+def _pct2(v: object) -> str:
+    return "" if v is None else f"{100 * float(v):.2f}"
+
+
+# Two decimals for recall and IoU: a QA benchmark's short answers put IoU near 1 %.
+TABLE_COLUMNS = [(k, h, _pct2 if k in ("recall", "iou") else f) for k, h, f in COLUMNS]
+
+
 def load_rows(paths: list[Path]) -> list[dict]:
     rows = []
     for path in paths:
@@ -29,10 +37,18 @@ def load_rows(paths: list[Path]) -> list[dict]:
 
 def write_table(rows: list[dict], out_json: Path) -> None:
     chunkers = list(dict.fromkeys(r["chunker"] for r in rows))
-    rows = sorted(rows, key=lambda r: (chunkers.index(r["chunker"]), r["chunk_size"]))
+    benchmarks = list(dict.fromkeys(r["benchmark"] for r in rows))
+    rows = sorted(
+        rows,
+        key=lambda r: (
+            chunkers.index(r["chunker"]),
+            benchmarks.index(r["benchmark"]),
+            r["chunk_size"],
+        ),
+    )
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(rows, indent=2) + "\n")
-    out_json.with_suffix(".md").write_text(markdown_table(rows, COLUMNS))
+    out_json.with_suffix(".md").write_text(markdown_table(rows, TABLE_COLUMNS))
     k = rows[0]["k"]
     points = [{**r, "series": f"{r['chunker']}, {r['benchmark']}"} for r in rows]
     scatter_plot(

@@ -33,6 +33,7 @@ def test_two_benchmarks_in_one_table_grouped_by_chunker(tmp_path, capsys):
     table = out.with_suffix(".md").read_text()
     assert (
         "| covidqa (6 corpora) | semantic | 150 |" in table
+        and "| 90.00 |" in table
         and table == capsys.readouterr().out[:-1]
     )
     assert out.with_suffix(".png").stat().st_size > 1000
