@@ -376,7 +376,7 @@ class RedisClusterTier:
             if h is None or not h.outage:
                 return
             h.outage, h.down_until, h.backoff_s = False, 0.0, self.retry_min_s
-        log.info(
+        log.warning(
             "Redis Cluster tier %s: %s is back",
             _redact(self.url),
             "the cluster" if name == _BOOTSTRAP else f"node {name}",

@@ -47,7 +47,11 @@ class DiskTier:
         self._index: OrderedDict[str, int] = OrderedDict()  # key -> file size, oldest first
         self._bytes = 0
         self._warned = False
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.failing = False  # the last write failed (full or read-only disk): /healthz reports it
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a read-only data dir: serve without the tier rather than not at all
+            self._fail("write", "the tier's folder", e)
         self._rebuild_index()
         self._evict_over_budget()
 
@@ -90,6 +94,7 @@ class DiskTier:
         with self._lock:
             self._bytes += size - self._index.pop(key, 0)
             self._index[key] = size
+        self.failing = False
         self.stats.add(self.name, writes=1, bytes_written=size)
         self._evict_over_budget()
 
@@ -124,6 +129,7 @@ class DiskTier:
                 "bytes": self._bytes,
                 "budget_bytes": self.budget_bytes,
                 "root": str(self.root),
+                "failing": self.failing,
             }
 
     def close(self) -> None:
@@ -198,6 +204,8 @@ class DiskTier:
 
     def _scan(self, include_tmp: bool) -> list[tuple[Path, os.stat_result]]:
         out = []
+        if not self.root.is_dir():
+            return out
         for shard in self.root.iterdir():
             if not shard.is_dir() or len(shard.name) != 2:
                 continue
@@ -210,6 +218,8 @@ class DiskTier:
 
     def _fail(self, what: str, key: str, error: OSError) -> None:
         self.stats.add(self.name, errors=1)
+        if what == "write":
+            self.failing = True
         if not self._warned:
             self._warned = True
             log.warning(

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-# 16-bit only: the design measured ~1e-7 KL from storing KV in 16 bits, and it
-# halves every tier's bytes against fp32.
+# 16-bit only: it barely moves the next-token distribution (DESIGN.md) and halves every tier's
+# bytes against fp32.
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
 
 

@@ -39,7 +39,7 @@ class RedisTier:
         ttl_s: int | None = 7 * 24 * 3600,
         prefix: str = DEFAULT_PREFIX,
         stats: CacheStats | None = None,
-        socket_timeout_s: float = 2.0,
+        socket_timeout_s: float = 1.0,
         connect_timeout_s: float = 0.5,
         retry_min_s: float = 0.5,
         retry_max_s: float = 15.0,
@@ -52,14 +52,20 @@ class RedisTier:
         self.retry_max_s = retry_max_s
         # One immediate retry, on connection errors only, lets a pooled socket
         # that died with a Redis restart reconnect transparently; our own backoff
-        # handles real outages (redis-py's default exponential retries, also on
-        # timeouts, would stall each request by seconds against a hung server).
+        # handles real outages. Never on a timeout (a TimeoutError is a ConnectionError to
+        # redis-py): a hung server (SIGSTOP) would cost the socket timeout twice per request.
+        self.socket_timeout_s = socket_timeout_s
         self.client = redis.Redis.from_url(
             url,
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=connect_timeout_s,
             socket_keepalive=True,
-            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+            retry=Retry(
+                NoBackoff(),
+                1,
+                supported_errors=(redis.ConnectionError,),
+                is_retryable=lambda e: not isinstance(e, redis.TimeoutError),
+            ),
         )
         self._lock = threading.Lock()
         self._down_until = 0.0  # time.monotonic() deadline; 0 = believed up
@@ -192,7 +198,7 @@ class RedisTier:
             self._outage = False
             self._down_until = 0.0
             self._backoff_s = self.retry_min_s
-        log.info("Redis tier %s is back", _redact(self.url))
+        log.warning("Redis tier %s is back", _redact(self.url))  # the outage was a warning too
 
 
 def _glob_escape(s: str) -> str:

@@ -12,9 +12,13 @@ Layout (little-endian):
     28      8     base_position (i64)
     36      8     payload_len (u64) = 2 * numel * 2
     44      2     fingerprint length F
-    46      2     reserved (zero)
+    46      2     key length N
     48      8     xxh3-64 of the header (all but these 8 bytes), then K, then V
-    56      F     model fingerprint (utf-8), zero padding up to header_len
+    56      F     model fingerprint (utf-8)
+    56+F    N     the key the value was written under (utf-8), zero padding up to header_len
+
+The key inside the checksummed header is how a value proves it belongs where it was read
+from: a value copied or swapped under another key (both intact) is corrupt there, not a hit.
 
 Why this shape: header and payload travel as ONE value (one Redis SET, one file
 rename) so no reader sees half an entry; the payload is raw tensor memory so
@@ -35,8 +39,8 @@ import xxhash
 from cache.entry import ChunkKV
 
 MAGIC = b"KVRG"
-FORMAT_VERSION = 2
-_FIXED = struct.Struct("<4sHHB3xIIIIqQH2xQ")
+FORMAT_VERSION = 3  # 3: the key in the header
+_FIXED = struct.Struct("<4sHHB3xIIIIqQHHQ")
 _CRC_OFFSET = 48
 _ALIGN = 64  # keeps the payload aligned in mmap'd / bytearray buffers
 
@@ -59,14 +63,14 @@ class CorruptEntry(ValueError):
         self.reason = reason
 
 
-def dumps(entry: ChunkKV, fingerprint: str) -> bytes:
-    """Serialize `entry` (any device) into one self-checking value."""
+def dumps(entry: ChunkKV, fingerprint: str, key: str = "") -> bytes:
+    """Serialize `entry` (any device), stored under `key`, into one self-checking value."""
     k = entry.k.detach().to("cpu").contiguous()
     v = entry.v.detach().to("cpu").contiguous()
-    fp = fingerprint.encode("utf-8")
-    if len(fp) > 0xFFFF:
-        raise ValueError("fingerprint longer than 65535 bytes")
-    header_len = -(-(_FIXED.size + len(fp)) // _ALIGN) * _ALIGN
+    fp, kb = fingerprint.encode("utf-8"), key.encode("utf-8")
+    if len(fp) > 0xFFFF or len(kb) > 0xFFFF:
+        raise ValueError("fingerprint or key longer than 65535 bytes")
+    header_len = -(-(_FIXED.size + len(fp) + len(kb)) // _ALIGN) * _ALIGN
     payload_len = entry.nbytes
     n_layers, n_heads, n_tokens, head_dim = entry.shape
     header = bytearray(header_len)
@@ -84,16 +88,22 @@ def dumps(entry: ChunkKV, fingerprint: str) -> bytes:
         entry.base_position,
         payload_len,
         len(fp),
+        len(kb),
         0,
     )
     header[_FIXED.size : _FIXED.size + len(fp)] = fp
+    header[_FIXED.size + len(fp) : _FIXED.size + len(fp) + len(kb)] = kb
     k_bytes, v_bytes = _byte_view(k), _byte_view(v)
     struct.pack_into("<Q", header, _CRC_OFFSET, _checksum(header, k_bytes, v_bytes))
     # One allocation + copy; the tensors' memory is read through views.
     return b"".join((header, k_bytes, v_bytes))
 
 
-def loads(data: bytes | bytearray | memoryview, expected_fingerprint: str | None = None) -> ChunkKV:
+def loads(
+    data: bytes | bytearray | memoryview,
+    expected_fingerprint: str | None = None,
+    expected_key: str | None = None,
+) -> ChunkKV:
     """Parse and verify a value; the tensors are zero-copy views of `data` (on CPU).
 
     Raises CorruptEntry with the reason when the value must not be used.
@@ -115,6 +125,7 @@ def loads(data: bytes | bytearray | memoryview, expected_fingerprint: str | None
         base_position,
         payload_len,
         fp_len,
+        key_len,
         stored,
     ) = _FIXED.unpack_from(mv, 0)
     if magic != MAGIC:
@@ -124,14 +135,15 @@ def loads(data: bytes | bytearray | memoryview, expected_fingerprint: str | None
     dtype = _CODE_DTYPES.get(dtype_code)
     if dtype is None:
         raise CorruptEntry(f"unknown dtype code {dtype_code}")
-    if header_len < _FIXED.size + fp_len or header_len % _ALIGN:
-        raise CorruptEntry(f"bad header_len {header_len} for fingerprint length {fp_len}")
+    if header_len < _FIXED.size + fp_len + key_len or header_len % _ALIGN:
+        raise CorruptEntry(f"bad header_len {header_len} for field lengths {fp_len}, {key_len}")
     shape = (n_layers, n_heads, n_tokens, head_dim)
     numel = math.prod(shape)
     itemsize = dtype.itemsize
     if payload_len != 2 * numel * itemsize:
         raise CorruptEntry(
-            f"shape {shape} {dtype} needs {2 * numel * itemsize} payload bytes, header says {payload_len}"
+            f"shape {shape} {dtype} needs {2 * numel * itemsize} payload bytes, "
+            f"header says {payload_len}"
         )
     if len(mv) != header_len + payload_len:
         what = "truncated" if len(mv) < header_len + payload_len else "trailing bytes"
@@ -144,6 +156,10 @@ def loads(data: bytes | bytearray | memoryview, expected_fingerprint: str | None
         raise CorruptEntry(f"undecodable fingerprint: {e}") from None
     if expected_fingerprint is not None and fingerprint != expected_fingerprint:
         raise CorruptEntry(f"written by model {fingerprint!r}, expected {expected_fingerprint!r}")
+    key = bytes(mv[_FIXED.size + fp_len : _FIXED.size + fp_len + key_len])
+    if expected_key is not None and key != expected_key.encode("utf-8"):
+        shown = key.decode("utf-8", "replace")
+        raise CorruptEntry(f"written under key {shown!r}, read under {expected_key!r}")
     half = numel * itemsize
     k_bytes = mv[header_len : header_len + half]
     v_bytes = mv[header_len + half :]
@@ -176,6 +192,7 @@ def peek_header(data: bytes | bytearray | memoryview) -> dict:
         "base_position",
         "payload_len",
         "fingerprint_len",
+        "key_len",
         "checksum",
     )
     return dict(zip(names, fields, strict=True))

@@ -104,7 +104,8 @@ class CacheStats:
 
 
 def load_totals(path: Path) -> dict:
-    """The raw totals persisted at `path` (empty ones if there are none yet or the file is unreadable)."""
+    """The raw totals persisted at `path` (empty ones if there are none yet or the file is
+    unreadable)."""
     try:
         totals = json.loads(path.read_text())
         if isinstance(totals.get("tiers"), dict) and isinstance(totals.get("load_ms"), dict):
@@ -115,7 +116,8 @@ def load_totals(path: Path) -> dict:
 
 
 def summarize(raw: dict) -> dict:
-    """Raw counters -> the snapshot shape: per tier, corrupt and evictions summed, mean load time."""
+    """Raw counters -> the snapshot shape: per tier, corrupt and evictions summed,
+    mean load time."""
     tiers, loads = raw["tiers"], dict(raw["load_ms"])
     loads["mean_ms"] = loads["total_ms"] / loads["count"] if loads.get("count") else 0.0
     return {

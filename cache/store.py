@@ -99,7 +99,7 @@ class TieredStore:
                 break
             for key, data in tier.get_many(missing).items():
                 try:
-                    entry = loads(data, self.fingerprint)
+                    entry = loads(data, self.fingerprint, expected_key=key)
                 except CorruptEntry as e:
                     self._drop_corrupt(tier, key, e)
                     continue
@@ -152,7 +152,7 @@ class TieredStore:
             return
         request = request if request is not None else self.begin_request()
         if self._byte_tiers:
-            values = {key: dumps(entry, self.fingerprint) for key, entry in entries.items()}
+            values = {key: dumps(entry, self.fingerprint, key) for key, entry in entries.items()}
             for tier in self._byte_tiers:
                 tier.put_many(values)
         if self.memory is not None:

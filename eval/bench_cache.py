@@ -1,4 +1,5 @@
-"""`kvrag bench cache`: per-tier load speed, and time to first token by where the chunk K/V come from.
+"""`kvrag bench cache`: per-tier load speed, and time to first token by where the
+chunk K/V come from.
 
 TTFT here is everything after retrieval: fetch the k chunk caches from one tier
 (or compute them on a miss), blend, choose the first token. `full_prefill` is
@@ -6,7 +7,8 @@ the same prompt prefilled in full. `ttft_ms` is the engine's path, where the
 loads stream in while earlier chunks are stitched (rag/kv_stream.py);
 `ttft_ms_sequential` loads all chunks first, then blends; `kv_load_ms` is the
 load alone (one get_many of the k chunks) and `kv_wait_ms_streamed` the part of
-it the streamed path still waited for (the rest was hidden behind its work). Cases run interleaved, so machine
+it the streamed path still waited for (the rest was hidden behind its work).
+Cases run interleaved, so machine
 noise hits all of them alike; medians are reported.
 """
 

@@ -1,4 +1,5 @@
-"""`kvrag bench load`: requests/s and TTFT of full prefill vs blend through the HTTP API, under load.
+"""`kvrag bench load`: requests/s and TTFT of full prefill vs blend through the
+HTTP API, under load.
 
 Both modes run in the same server and the same run, interleaved in rounds
 (full, blend, blend, full, ...), so a noisy shared CPU weighs on both alike.
@@ -281,7 +282,8 @@ def run_load_bench(
 
 
 def add_bench_load_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The flags of `kvrag bench load [--url URL] [--concurrency 4] [--requests 24] [--json OUT]`."""
+    """The flags of
+    `kvrag bench load [--url URL] [--concurrency 4] [--requests 24] [--json OUT]`."""
     p.add_argument(
         "--url", default=None, help="a running server (default: start one on a free loopback port)"
     )

@@ -77,7 +77,8 @@ def build_prompts(
     chunk_tokens: int,
     question_tokens: int,
 ) -> list[Prompt]:
-    """n_prompts chunk sets at evenly spaced offsets of the corpus text (overlapping if it is short)."""
+    """n_prompts chunk sets at evenly spaced offsets of the corpus text (overlapping if it is
+    short)."""
     files = _text_files(corpus)
     if not files:
         raise FileNotFoundError(f"no .md or .txt files in {corpus}")
@@ -133,7 +134,8 @@ def _blend(
 
 def _span(engine: Engine, prompt: Prompt, span: int) -> float:
     """ms to prefill the prompt's last `span` tokens over the rest (already prefilled, untimed): the
-    ordinary causal forward on as many tokens as a blend computes, at the late positions theirs sit at."""
+    ordinary causal forward on as many tokens as a blend computes, at the late positions theirs
+    sit at."""
     h, n = len(prompt.header), len(prompt)
     ids = torch.tensor([prompt.ids()], device=engine.model.device)
     cache = engine.new_cache(n)
@@ -371,7 +373,8 @@ def add_bench_ttft_args(p: argparse.ArgumentParser) -> None:
         "--corpus",
         type=Path,
         default=None,
-        help="file or folder of .md/.txt (default: samples/, else ../shared/data/chroma_eval/corpora)",
+        help="file or folder of .md/.txt "
+        "(default: samples/, else ../shared/data/chroma_eval/corpora)",
     )
     p.add_argument("--chunks", type=int, default=4)
     p.add_argument("--chunk-tokens", type=int, default=512)
@@ -428,7 +431,8 @@ def cmd_bench_ttft(args: argparse.Namespace, settings: Settings | None = None) -
         plot(result, args.json.with_suffix(".png"))
     print(
         f"{result['model']} {result['dtype']} (KV {result['kv_dtype']}), {result['device']}, "
-        f"{result['threads']} thread(s), {result['context_tokens']} tokens, {result['prompts']} prompts\n"
+        f"{result['threads']} thread(s), {result['context_tokens']} tokens, "
+        f"{result['prompts']} prompts\n"
     )
     print(markdown(result))
     return 0

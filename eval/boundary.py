@@ -30,7 +30,8 @@ def sample_pairs(chunks: dict[str, Sequence[Span]], n: int) -> list[tuple[str, S
 def boundary_clarity(
     texts: dict[str, str], pairs: Sequence[tuple[str, Span, Span]], scorer, max_tokens: int = 128
 ) -> float | None:
-    """Mean of loss(next | previous) / loss(next alone) over the pairs (texts truncated to max_tokens)."""
+    """Mean of loss(next | previous) / loss(next alone) over the pairs (texts truncated to
+    max_tokens)."""
     tok = scorer.tokenizer
     space = tok.encode_text(" ")
     ratios = []

@@ -1,4 +1,5 @@
-"""Character-level retrieval metrics of Chroma's chunking report: recall, precision, precision_omega, IoU.
+"""Character-level retrieval metrics of Chroma's chunking report: recall, precision,
+precision_omega, IoU.
 
 For one question with excerpts e (character ranges in one corpus) and retrieved
 chunks r: recall = |e ∩ r| / |e|; precision = |e ∩ r| / |r|, where |r| adds up
@@ -70,7 +71,8 @@ def score_question(
     retrieved: Sequence[Located],
     touching: Sequence[Located] | None = None,
 ) -> QuestionScores:
-    """Scores of one question; `touching` = every chunk of the collection that overlaps an excerpt."""
+    """Scores of one question; `touching` = every chunk of the collection that overlaps an
+    excerpt."""
     corpus = excerpts[0].corpus
     e = union((x.start, x.end) for x in excerpts)
     e_len = total(e)

@@ -234,7 +234,8 @@ def run_retrieval_eval(
                 if progress:  # one line per row, also when the output is a log file
                     tqdm.write(
                         f"{name} {size} {retrieval}: {row['n_chunks']} chunks in "
-                        f"{row['chunking_seconds']:.0f} s, recall {row['recall']:.3f}, IoU {row['iou']:.3f}"
+                        f"{row['chunking_seconds']:.0f} s, recall {row['recall']:.3f}, "
+                        f"IoU {row['iou']:.3f}"
                     )
                 log.info("%s", row)
                 results.append(row)
@@ -258,7 +259,8 @@ def _chunk(
     options: dict,
     progress: bool,
 ) -> tuple[dict, dict[str, list]]:
-    """One chunker at one size over every corpus: its chunk statistics and the spans it cut, by corpus."""
+    """One chunker at one size over every corpus: its chunk statistics and the spans it cut, by
+    corpus."""
     from ingest.chunkers import make_chunker
 
     chunker = make_chunker(name, resources, size, overlap, **options)
@@ -299,7 +301,8 @@ COLUMNS = [
 def write_outputs(
     results: list[dict], out_json: Path, chroma_refs: bool = True, title: str = "Chroma benchmark"
 ) -> None:
-    """OUT.json; for several results also OUT.md (table) and OUT.png (recall vs IoU, Chroma's points if comparable)."""
+    """OUT.json; for several results also OUT.md (table) and OUT.png (recall vs IoU, Chroma's
+    points if comparable)."""
     out_json.parent.mkdir(parents=True, exist_ok=True)
     payload = results[0] if len(results) == 1 else results
     out_json.write_text(json.dumps(payload, indent=2) + "\n")
@@ -377,7 +380,8 @@ def add_eval_retrieval_args(p: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--retrieval",
         type=_retrievals,
         default=None,
-        help="dense, hybrid (dense fused with BM25), or both comma-separated; default: KVRAG_RETRIEVAL",
+        help="dense, hybrid (dense fused with BM25), or both comma-separated; "
+        "default: KVRAG_RETRIEVAL",
     )
     p.add_argument(
         "--json",

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ingest.chunkers import Resources, make_chunker
 from ingest.loaders import LoadError, discover, load_text
+from ingest.sections import sections
 from rag.config import Settings
 from rag.index.docstore import Chunk, Docstore, Document, sha256
 from rag.index.generations import IndexGenerations
@@ -52,7 +53,8 @@ class IngestSummary:
     def describe(self) -> str:
         """One human line, plus one per failed file."""
         lines = [
-            f"{self.chunker}: {self.files} files: {self.added} added, {self.updated} updated, {self.unchanged} unchanged, "
+            f"{self.chunker}: {self.files} files: {self.added} added, {self.updated} updated, "
+            f"{self.unchanged} unchanged, "
             f"{self.deleted} deleted, {len(self.failed)} failed; chunks +{self.chunks_added} "
             f"-{self.chunks_removed}; {self.seconds:.1f} s, {self.tokens_per_s:,.0f} tokens/s"
         ]
@@ -67,12 +69,14 @@ class IngestSummary:
 
 
 def doc_id_for(path: Path) -> str:
-    """The path relative to the working directory when inside it, else absolute."""
-    resolved = path.resolve()
-    try:
-        return resolved.relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        return resolved.as_posix()
+    """The path relative to the working directory when inside it, else absolute. Symbolic
+    links are not resolved: a file reached through a link is known by the link's path (under
+    the folder ingested, where --delete-missing finds it)."""
+    absolute = Path(os.path.abspath(path))
+    for cwd in (Path(os.path.abspath(os.getcwd())), Path.cwd().resolve()):
+        if absolute.is_relative_to(cwd):
+            return absolute.relative_to(cwd).as_posix()
+    return absolute.as_posix()
 
 
 RemovedHook = Callable[[list[Chunk]], None]
@@ -113,7 +117,17 @@ class Ingestor:
         if gone and self.on_removed:
             self.on_removed(gone)
 
-    def put(self, doc_id: str, source: str, text: str, summary: IngestSummary) -> None:
+    def put(
+        self,
+        doc_id: str,
+        source: str,
+        text: str,
+        summary: IngestSummary,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Add or replace one document, a section at a time (ingest.sections): memory stays
+        bounded by a section whatever the document's size. `progress(done, total)` counts
+        characters after each section (it may raise to abandon the job: nothing commits)."""
         digest = sha256(text)
         old = self.docstore.get_document(doc_id)
         if old and old.sha256 == digest and old.chunker == self.chunker_tag:
@@ -121,26 +135,34 @@ class Ingestor:
             return
         if old:
             summary.chunks_removed += self.remove(doc_id)
-        spans = self.chunker.split(text)
-        embedder = self.resources.embedder
-        texts = [text[s:e] for s, e in spans]
-        ids = self.docstore.next_ids(len(spans))
-        chunks = [
-            Chunk(cid, doc_id, s, e, t, embedder.count_tokens(t), sha256(t))
-            for cid, (s, e), t in zip(ids, spans, texts, strict=True)
-        ]
         self.docstore.put_document(
             Document(doc_id, source, digest, text, self.chunker_tag), time.time()
         )
-        self.docstore.add_chunks(chunks)
-        self.index.add(ids, embedder.embed(texts))
-        self.added_hashes.update(c.content_hash for c in chunks)
-        summary.chunks_added += len(chunks)
-        summary.tokens += sum(c.n_tokens for c in chunks)
+        embedder = self.resources.embedder
+        for first, last in sections(text):
+            spans = [(s + first, e + first) for s, e in self.chunker.split(text[first:last])]
+            texts = [text[s:e] for s, e in spans]
+            ids = self.docstore.next_ids(len(spans))
+            chunks = [
+                Chunk(cid, doc_id, s, e, t, embedder.count_tokens(t), sha256(t))
+                for cid, (s, e), t in zip(ids, spans, texts, strict=True)
+            ]
+            self.docstore.add_chunks(chunks)
+            if chunks:
+                self.index.add(ids, embedder.embed(texts))
+            self.added_hashes.update(c.content_hash for c in chunks)
+            summary.chunks_added += len(chunks)
+            summary.tokens += sum(c.n_tokens for c in chunks)
+            if progress is not None:
+                progress(last, len(text))
         if old:
             summary.updated += 1
         else:
             summary.added += 1
+
+
+class IndexBusy(RuntimeError):
+    """Another ingestion job holds the index (a second writer fails fast, nothing changed)."""
 
 
 @contextlib.contextmanager
@@ -152,7 +174,7 @@ def index_lock(root: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"another ingestion job holds {root / 'LOCK'}") from None
+            raise IndexBusy(f"another ingestion job holds {root / 'LOCK'}") from None
         yield
     finally:
         os.close(fd)  # closing releases the lock; a killed process releases it too
@@ -166,6 +188,7 @@ def ingest(
     chunk_size: int | None = None,
     chunk_overlap: int | None = None,
     delete_missing: bool = False,
+    follow_links: bool = False,
     resources: Resources | None = None,
     on_removed: RemovedHook | None = None,
     progress: bool = True,
@@ -173,9 +196,12 @@ def ingest(
     """Ingest files and folders as one atomic run; see the module doc."""
     t0 = time.perf_counter()
     paths = list(paths)
-    files = discover(paths)
+    found = discover(paths, follow_links)
+    files = found.files
     resources = resources or Resources(settings)
-    summary = IngestSummary(files=len(files))
+    summary = IngestSummary(files=len(files), failed=list(found.refused))
+    for path, why in found.refused:
+        log.warning("refused %s: %s", path, why)
     store = IndexGenerations(settings.index_dir, resources.embedder.dim)
     overlap = settings.chunk_overlap if chunk_overlap is None else chunk_overlap
     with index_lock(settings.index_dir), store.transaction() as (docstore, index):

@@ -1,4 +1,5 @@
-"""A llama-index NodeParser over kvrag's chunkers (Meta-Chunking and the baselines), exact offsets kept.
+"""A llama-index NodeParser over kvrag's chunkers (Meta-Chunking and the baselines),
+exact offsets kept.
 
     parser = MetaChunkingNodeParser.from_name("meta-ppl", chunk_size=150)
     nodes = parser.get_nodes_from_documents([Document(text=...)])

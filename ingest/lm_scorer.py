@@ -1,13 +1,9 @@
-"""The LLM as a scorer: per-token losses over long texts, and next-token probabilities after a cached prefix.
+"""The LLM as a scorer: per-token losses over long texts, and next-token probabilities.
 
 Chunking only reads losses and probabilities, never generates. The scorer runs
-in the engine's dtype (`auto`: bf16 where the hardware does bf16 natively, as
-AVX512-BF16 CPUs do, ~2x faster than fp32 there; fp32 on AVX2-only CPUs, where
-bf16 matmuls are ~50x slower). int8 dynamic quantization was tried and dropped:
-~1.5x faster than fp32, but its per-tensor activation scales made SmolLM2's
-losses depend on the batch and raised the mean loss from 2.9 to 4.2 nats. On an AVX2 CPU
-neither llama.cpp on the wheel's Q4_1 GGUF (~150 tokens/s) nor ONNX Runtime's 4-bit matmuls
-with int8 compute (no faster than its float32) beat PyTorch's float32 here (eval/RESULTS_retrieval.md).
+in the engine's dtype (`auto`: bf16 where the hardware does bf16 natively, else
+float32). The runtimes and quantizations weighed against it are in
+eval/RESULTS_retrieval.md.
 
 Long texts are scored with a sliding window that is recomputed from scratch for
 every window (a rotated KV cache is never trimmed, which would leave keys at
@@ -25,7 +21,8 @@ import torch
 
 
 def _cut_candidates(ids: Sequence[int]) -> list[int]:
-    """Content-defined cut points (~1 in 64 positions): the same text yields the same cuts wherever it is."""
+    """Content-defined cut points (~1 in 64 positions): the same text yields the same cuts
+    wherever it is."""
     out = []
     for i in range(3, len(ids)):
         h = (ids[i - 3] * 2654435761 + ids[i - 2] * 40503 + ids[i - 1] * 97 + ids[i]) % 1000003
@@ -69,7 +66,8 @@ def _digest(*parts: object) -> bytes:
 
 
 class LMScorer:
-    """Loss and answer-probability queries against one causal LM (rag.model.transformer.Transformer)."""
+    """Loss and answer-probability queries against one causal LM
+    (rag.model.transformer.Transformer)."""
 
     def __init__(
         self,
@@ -180,7 +178,8 @@ class LMScorer:
 
     # -- answers after a fixed prefix ------------------------------------------
     def prefix_cache(self, prefix_ids: Sequence[int], batch: int, extra: int):
-        """A KV buffer of `batch` rows, each holding the prefix's K/V, room for `extra` more tokens."""
+        """A KV buffer of `batch` rows, each holding the prefix's K/V, room for `extra` more
+        tokens."""
         p = len(prefix_ids)
         one = self.model.new_cache(p, batch=1)
         self.model(
@@ -199,7 +198,8 @@ class LMScorer:
         answer_ids: Sequence[int],
         batch: int = 16,
     ) -> torch.Tensor:
-        """P(answer | prefix + suffix) for each suffix and answer token: float32 [n, len(answer_ids)].
+        """P(answer | prefix + suffix) for each suffix and answer token:
+        float32 [n, len(answer_ids)].
 
         The prefix is prefilled once; each batch of suffixes (right-padded, which a
         causal model never attends to) is written after it in the same buffer.

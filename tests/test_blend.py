@@ -23,11 +23,13 @@ from rag.engine.stitch import rerotate
 from rag.model.attention import causal_attention, causal_groups
 
 TEXT = (  # three short paragraphs adapted from samples/saltmere_history.md, one chunk each
-    "The Saltmere Lights Act received assent on 14 March 1871 and created the Saltmere Lights Board, "
+    "The Saltmere Lights Act received assent on 14 March 1871 and created the Saltmere Lights "
+    "Board, "
     "which could raise light dues from every vessel calling at Port Ellery and build lighthouses "
     "throughout the chain of islands. Its first chairman was Captain Edmund Harrow.",
     "The Board's engineer, Thomas Lydgate, chose Greywater Point as the site of the first light "
-    "because it could be seen from both the northern approach and the Kellhaven crossing. The tower "
+    "because it could be seen from both the northern approach and the Kellhaven crossing. "
+    "The tower "
     "was built of granite quarried at Tollan Hill and first lit at dusk on 1 November 1871.",
     "Skerra Rock, the most exposed station, took four summers to build because work was only "
     "possible at low water in calm weather. Its keepers were relieved every six weeks by boat, and "
@@ -187,7 +189,8 @@ def _reference_attention(q, k, v, allowed):
     "dtype, fold", [(torch.float32, 1), (torch.float32, 3), (torch.bfloat16, 3)]
 )
 def test_scattered_queries_are_causal_by_position(dtype, fold):
-    """Folded bf16 groups run as matmuls on CPU (rag.model.attention._matmul_attend), the others in SDPA."""
+    """Folded bf16 groups run as matmuls on CPU (rag.model.attention._matmul_attend), the others
+    in SDPA."""
     torch.manual_seed(0)
     s_len = 700
     slots = torch.tensor(

@@ -103,7 +103,7 @@ def test_values_spread_over_every_master_with_checksum_ttl_and_order(cluster, ti
     assert len(Counter(owner_port(cluster, tier, k) for k in entries)) == 3  # all masters hold some
     for k, e in list(entries.items())[:6]:
         node = cluster.master_of(tier.prefix + k).client()
-        assert node.get(tier.prefix + k) == dumps(e, FP)  # one value per chunk, as on one server
+        assert node.get(tier.prefix + k) == dumps(e, FP, k)  # one value per chunk, as on one server
         assert 0 < node.ttl(tier.prefix + k) <= 300
     assert 0 < tier.ttl(key(3)) <= 300 and tier.ttl(key(99)) == -2
     got = store.get_many([key(5), key(99), key(1), key(5), key(20)])

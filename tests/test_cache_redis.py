@@ -67,7 +67,7 @@ def test_round_trip_ttl_and_prefix(shared_tier):
     e = make_entry(1)
     store.put(key(1), e)
     raw = shared_tier.client.get(shared_tier.prefix + key(1))
-    assert raw == dumps(e, FP)  # one value: header + payload
+    assert raw == dumps(e, FP, key(1))  # one value: header + payload
     assert 0 < shared_tier.client.ttl(shared_tier.prefix + key(1)) <= 300
     assert same(store.get_many([key(1)])[key(1)], e)
     assert store.get_many([key(2)]) == {}

@@ -195,3 +195,18 @@ def test_fingerprint_tensors_tracks_values_dtype_shape_names():
     fp_big = fingerprint_tensors({"x": big})
     big[-1] = 1.0  # the last element is always sampled
     assert fingerprint_tensors({"x": big}) != fp_big
+
+
+def test_value_names_its_key_and_a_value_under_another_key_is_corrupt():
+    e = make_entry()
+    data = dumps(e, FP, "a" * 40)
+    assert peek_header(data)["version"] == 3 and peek_header(data)["key_len"] == 40
+    assert same_bits(loads(data, FP, expected_key="a" * 40).k, e.k)
+    with pytest.raises(CorruptEntry, match="written under key"):
+        loads(data, FP, expected_key="b" * 40)
+    # The key is checksummed: editing it in place is caught as well.
+    forged = bytearray(data)
+    at = forged.index(b"a" * 40)
+    forged[at : at + 40] = b"b" * 40
+    with pytest.raises(CorruptEntry, match="checksum"):
+        loads(forged, FP, expected_key="b" * 40)

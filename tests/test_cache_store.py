@@ -73,15 +73,15 @@ def test_write_through_to_every_tier(tmp_path, redis_tier):
     e = make_entry(1)
     store.put(key(1), e)
     assert key(1) in store.memory
-    assert redis_tier.get_many([key(1)]) == {key(1): dumps(e, FP)}
-    assert bytes(store.disk.get_many([key(1)])[key(1)]) == dumps(e, FP)
+    assert redis_tier.get_many([key(1)]) == {key(1): dumps(e, FP, key(1))}
+    assert bytes(store.disk.get_many([key(1)])[key(1)]) == dumps(e, FP, key(1))
     store.close()
 
 
 def test_disk_hit_is_promoted_to_redis_and_memory(tmp_path, redis_tier):
     store = store_with(tmp_path, redis_tier)
     e = make_entry(2)
-    store.disk.put(key(2), dumps(e, FP))  # only on disk
+    store.disk.put(key(2), dumps(e, FP, key(2)))  # only on disk
     got = store.get_many([key(2)])
     assert same(got[key(2)], e)
     store.flush()  # byte-tier promotion runs in the background
@@ -98,7 +98,7 @@ def test_disk_hit_is_promoted_to_redis_and_memory(tmp_path, redis_tier):
 def test_redis_hit_is_promoted_to_memory(tmp_path, redis_tier):
     store = store_with(tmp_path, redis_tier)
     e = make_entry(3)
-    redis_tier.put(key(3), dumps(e, FP))
+    redis_tier.put(key(3), dumps(e, FP, key(3)))
     assert same(store.get_many([key(3)])[key(3)], e)
     assert key(3) in store.memory
     assert store.stats()["tiers"]["disk"]["misses"] == 0  # never reached
@@ -108,7 +108,7 @@ def test_redis_hit_is_promoted_to_memory(tmp_path, redis_tier):
 def test_admission_cap_per_request(tmp_path):
     store = store_with(tmp_path, memory_entries=10, max_new=2)
     for i in range(10):
-        store.disk.put(key(i), dumps(make_entry(i), FP))
+        store.disk.put(key(i), dumps(make_entry(i), FP, key(i)))
     store.put_many({key(100 + i): make_entry(i) for i in range(3)})  # its own request: 2 admitted
     assert sorted(store.memory.keys()) == [key(100), key(101)]
     got = store.get_many([key(i) for i in range(6)])  # a burst of misses
@@ -164,7 +164,8 @@ def test_stats_snapshot_and_reset(tmp_path):
 
 
 def test_persisted_stats_sum_over_stores_and_count_once(tmp_path):
-    """Every process adds its own traffic to one totals file; persisting twice adds nothing twice."""
+    """Every process adds its own traffic to one totals file; persisting twice adds nothing
+    twice."""
     path = tmp_path / "cache_stats.json"
     a, b = store_with(tmp_path / "a"), store_with(tmp_path / "b")
     a.stats_path = b.stats_path = path

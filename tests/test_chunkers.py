@@ -1,4 +1,5 @@
-"""Chunkers on real text: exact offsets for every chunker, PPL boundaries at a topic seam, merging limits."""
+"""Chunkers on real text: exact offsets for every chunker, PPL boundaries at a topic seam,
+merging limits."""
 
 from __future__ import annotations
 
@@ -175,7 +176,8 @@ def test_windowed_losses_match_a_full_pass(lm32):
 
 @needs_corpora
 def test_chunk_signals_are_computed_once_per_text_across_sizes(resources):
-    """A size sweep re-merges; the LLM (or the embedder) is not asked again for a text it has scored."""
+    """A size sweep re-merges; the LLM (or the embedder) is not asked again for a text it has
+    scored."""
     text = corpus("state_of_the_union", 0, 3000)
     small = make_chunker("meta-ppl", resources, 60).split(text)
     hits = resources.scorer.memo_hits

@@ -50,7 +50,8 @@ def test_logits_match_transformers_on_cuda(engine):
 
 
 def test_fingerprint_does_not_depend_on_the_device(engine, models_dir):
-    """Chunk caches computed on a GPU replica are valid for a CPU one and back (same weights, dtype)."""
+    """Chunk caches computed on a GPU replica are valid for a CPU one and back (same weights,
+    dtype)."""
     from rag.model.loader import load_model
 
     assert (

@@ -1,4 +1,5 @@
-"""The decode loop on the real model: lean steps, Lookahead losslessness, stop rules, the context limit."""
+"""The decode loop on the real model: lean steps, Lookahead losslessness, stop rules,
+the context limit."""
 
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def test_lean_step_matches_the_model_forward_loop(engine, paragraphs):
 
 @pytest.fixture(scope="module")
 def engine16(models_dir) -> Engine:
-    """The model in bf16, where the CPU runs bf16 natively (elsewhere it is ~8x slower than fp32)."""
+    """The model in bf16, where the CPU runs bf16 natively (elsewhere it is emulated)."""
     from rag.config import cpu_has_bf16
     from rag.model.loader import load_model
 
@@ -95,7 +96,8 @@ def test_greedy_lookahead_is_token_for_token_identical(engine, paragraphs, conte
 def test_greedy_lookahead_is_token_for_token_identical_in_bf16(
     engine16, paragraphs, step, monkeypatch
 ):
-    """In bf16 a CPU matmul's rows change in the last bit with the batch size: the PyTorch step keeps
+    """In bf16 a CPU matmul's rows change in the last bit with the batch size: the PyTorch step
+    keeps
     every batch >= 2 rows and attends per token, the native step computes every row alone, so a
     draft row equals the plain step's exactly (the native step runs here where it can be built)."""
     # ~2K tokens and 64 new ones, as in `kvrag bench decode`: without the fix, 3 of these 8 differ.
@@ -139,7 +141,8 @@ def _assert_lookahead_identical(
 
 
 def test_sampling_with_lookahead_draws_the_same_tokens(engine, paragraphs):
-    """Each tree node is decided by a draw from the model's own distribution, in order: same seed, same text."""
+    """Each tree node is decided by a draw from the model's own distribution, in order: same
+    seed, same text."""
     prompt = _prompt(engine, paragraphs, QUESTIONS[1], 300)
     pre = engine.prefill(prompt, extra_slots=32)
     kw = dict(temperature=0.7, top_p=0.9, seed=3)

@@ -187,7 +187,8 @@ def test_cli_single_chunker_writes_one_object(one_corpus, tmp_path, monkeypatch,
 
 @needs_data
 def test_hybrid_retrieval_beats_dense_on_real_questions(one_corpus, tmp_path):
-    """BM25 fused with the vectors finds more of the excerpts than the vectors alone (same chunks)."""
+    """BM25 fused with the vectors finds more of the excerpts than the vectors alone (same
+    chunks)."""
     corpora, questions, _ = one_corpus
     settings = Settings(
         data_dir=tmp_path / "data", model=str(resolve_model_dir("", REPO / "kvrag_data" / "models"))

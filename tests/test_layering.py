@@ -20,17 +20,26 @@ UNITS = (
     "rag.index",
     "rag.server",
     "rag.service",
+    "rag.conversation",
     "rag.cli",
     "rag.config",
     "cache",
     "ingest",
     "eval",
 )
-BELOW_SERVICE = {"rag.config", "rag.model", "rag.index", "rag.engine", "cache"}
+BELOW_SERVICE = {
+    "rag.config",
+    "rag.model",
+    "rag.index",
+    "rag.engine",
+    "cache",
+    "rag.conversation",
+}
 # What each unit may import besides itself.
 ALLOWED = {
     "rag.config": set(),
     "cache": set(),
+    "rag.conversation": set(),
     "rag.model": {"rag.config"},
     "rag.index": {"rag.config"},
     "rag.engine": {"rag.config", "rag.model", "cache"},

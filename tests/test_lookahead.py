@@ -1,4 +1,5 @@
-"""Lookahead: the n-gram trie, draft trees, the tree mask, and one tree verified against plain steps."""
+"""Lookahead: the n-gram trie, draft trees, the tree mask, and one tree verified against
+plain steps."""
 
 from __future__ import annotations
 
@@ -153,7 +154,8 @@ def _default_step(model):
 
 @pytest.mark.parametrize("make_step", [_default_step, DecodeStep], ids=["default", "pytorch"])
 def test_tree_verification_equals_plain_steps_on_each_branch(lm32, make_step):
-    """One masked pass over a two-branch tree gives each node the logits (and K/V) of plain decoding,
+    """One masked pass over a two-branch tree gives each node the logits (and K/V) of plain
+    decoding,
     with the default step (native where it builds) and the PyTorch one (CUDA, no compiler)."""
     model, tok = lm32.model, lm32.tokenizer
     ids = tok.encode_text(

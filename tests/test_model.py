@@ -1,4 +1,5 @@
-"""The own forward pass against transformers' logits: the real model and one tiny model per family."""
+"""The own forward pass against transformers' logits: the real model and one tiny model
+per family."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def test_bf16_masked_attention_is_as_close_to_transformers_as_sdpa(
     lm32, models_dir, paragraphs, monkeypatch
 ):
     """bf16 on CPU: a span over a past of over 512 keys attends in masked groups as float32-score
-    matmuls; its logits are as close to transformers' float32 ones as with SDPA's own bf16 kernel."""
+    matmuls; its logits are as close to transformers' float32 ones as with SDPA's own bf16
+    kernel."""
     from rag.model import attention as model_mod
     from rag.model.loader import load_model
 

@@ -1,4 +1,5 @@
-"""The native decode step (rag/native/decode_step.c) against transformers, and its Lookahead guarantees."""
+"""The native decode step (rag/native/decode_step.c) against transformers, and its
+Lookahead guarantees."""
 
 from __future__ import annotations
 
@@ -136,7 +137,8 @@ def test_native_tree_rows_are_bitwise_plain_steps(lm, paragraphs, long, request)
 
 
 def test_without_a_compiler_decoding_falls_back_to_pytorch(lm16, tmp_path, monkeypatch):
-    """No compiler (and nothing built yet): no native step, one warning, and decoding still works."""
+    """No compiler (and nothing built yet): no native step, one warning, and decoding still
+    works."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     native_step.library.cache_clear()
@@ -149,7 +151,8 @@ def test_without_a_compiler_decoding_falls_back_to_pytorch(lm16, tmp_path, monke
 
 @pytest.mark.parametrize("family", ["llama2", "llama3-rope-scaling", "qwen2"])
 def test_native_step_matches_transformers_on_each_family(family, tmp_path):
-    """Untied embeddings (llama2), scaled RoPE (llama3), q/k/v biases (qwen2), two query heads per KV
+    """Untied embeddings (llama2), scaled RoPE (llama3), q/k/v biases (qwen2), two query heads
+    per KV
     head: decode steps over a prefilled past against transformers run on the same bf16 weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -89,7 +89,8 @@ def test_streamed_loads_keep_order_compute_misses_and_match_a_list(rag_with_redi
 def test_kvrag_stats_shows_traffic_of_earlier_processes(rag_with_redis, capsys):
     ask(rag_with_redis)
     ask(rag_with_redis)
-    rag_with_redis.store.persist_stats()  # what closing the process does (answers write every few seconds)
+    # what closing the process does (answers write every few seconds)
+    rag_with_redis.store.persist_stats()
     main(["--data-dir", str(rag_with_redis.settings.data_dir), "stats", "--json"])
     kv = json.loads(capsys.readouterr().out)["kv_cache"]
     assert kv["tiers"]["redis"]["hits"] >= 2 and kv["tiers"]["redis"]["bytes_read"] > 0

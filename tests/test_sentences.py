@@ -32,7 +32,10 @@ def test_english_abbreviations_and_numbers_do_not_split():
 
 def test_lowercase_sentences_and_enumerations():
     # finance.md is all lowercase; "14." opening a sentence is a list marker, "2020." ends one.
-    text = "14. debt long-term debt consisted of the following. it expires in 2020. a deferred tax asset"
+    text = (
+        "14. debt long-term debt consisted of the following. it expires in 2020. "
+        "a deferred tax asset"
+    )
     assert texts(text) == [
         "14. debt long-term debt consisted of the following.",
         "it expires in 2020.",

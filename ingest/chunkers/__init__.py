@@ -11,7 +11,8 @@ CHUNKERS = ("meta-fused", "meta-ppl", "meta-margin", "token", "recursive", "sema
 def make_chunker(
     name: str, resources: Resources, size: int = 200, overlap: int = 0, **options
 ) -> Chunker:
-    """A chunker by name; `options` go to its constructor (e.g. threshold, max_tokens, percentile)."""
+    """A chunker by name; `options` go to its constructor (e.g. threshold, max_tokens,
+    percentile)."""
     if name == "token":
         from ingest.chunkers.token import TokenChunker
 

@@ -1,4 +1,5 @@
-"""Meta-Chunking by margin sampling: the LLM is asked, for each sentence, whether it starts a new chunk.
+"""Meta-Chunking by margin sampling: the LLM is asked, for each sentence, whether it
+starts a new chunk.
 
 The margin is P("2": keep together) - P("1": split) for the next answer token. As
 in Meta-Chunking, the sentence joins the current chunk when the margin exceeds

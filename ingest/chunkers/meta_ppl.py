@@ -20,7 +20,8 @@ from rag.index.embedder import MAX_WORDPIECES
 
 
 def find_minima(values: Sequence[float], threshold: float = 0.0) -> list[int]:
-    """Indices i with values[i] below both neighbours and a drop of at least `threshold` on one side.
+    """Indices i with values[i] below both neighbours and a drop of at least `threshold` on
+    one side.
 
     A plateau to the right (values[i] == values[i+1]) counts when the drop on the
     left is large enough, as in the reference implementation.

@@ -1,4 +1,5 @@
-"""Recursive splitting by a separator hierarchy (paragraphs, lines, sentences, words), then greedy packing.
+"""Recursive splitting by a separator hierarchy (paragraphs, lines, sentences, words),
+then greedy packing.
 
 The baseline of LangChain's RecursiveCharacterTextSplitter as Chroma's report
 ran it, measured in embedder wordpieces and on exact spans: a piece larger than
@@ -30,7 +31,8 @@ class RecursiveChunker:
     def _pieces(
         self, text: str, start: int, end: int, level: int, counter: TokenCounter
     ) -> list[Span]:
-        """Spans no larger than the size, in order, covering [start, end) (separators stay attached)."""
+        """Spans no larger than the size, in order, covering [start, end) (separators stay
+        attached)."""
         if counter.count(start, end) <= self.size:
             return [(start, end)]
         if level >= len(self.separators):

@@ -18,6 +18,7 @@ from rag.engine.decode_step import DecodeStep
 from rag.engine.lookahead import AnswerMemory, Lookahead, compact
 from rag.engine.native_step import NativeDecodeStep
 from rag.engine.sampling import sample
+from rag.engine.stream_text import StopStream
 from rag.model.kv_cache import KVCache
 from rag.model.tokenizer import ChatTokenizer
 from rag.model.transformer import Transformer
@@ -45,12 +46,11 @@ class _Output:
     ):
         self.tok = tokenizer
         self.max_new = max_new_tokens
-        self.stop = [s for s in (stop or []) if s]
+        self.stream = StopStream(stop)
         self.on_text = on_text
         # Without a listener or stop strings the text is decoded once, at the end.
-        self.live = bool(self.stop) or on_text is not None
+        self.live = bool(self.stream.stops) or on_text is not None
         self.ids: list[int] = []
-        self.text = ""
         self.finish = "length"
 
     def push(self, token: int) -> bool:
@@ -60,11 +60,9 @@ class _Output:
             return False
         self.ids.append(token)
         if self.live:
-            new_text = self.tok.decode(self.ids)
-            cuts = [new_text.find(s) for s in self.stop if s in new_text]
-            if cuts:
-                new_text, self.finish = new_text[: min(cuts)], "stop"
-            delta, self.text = new_text[len(self.text) :], new_text
+            delta = self.stream.update(self.tok.decode(self.ids))
+            if self.stream.stopped:
+                self.finish = "stop"
             if delta and self.on_text is not None and self.on_text(delta) is False:
                 self.finish = "cancelled"
                 return False
@@ -72,8 +70,14 @@ class _Output:
                 return False
         return len(self.ids) < self.max_new
 
+    def close(self) -> None:
+        """Send the text held back for a stop string that never came."""
+        delta = self.stream.flush()
+        if delta and self.on_text is not None and self.finish != "cancelled":
+            self.on_text(delta)
+
     def final_text(self) -> str:
-        return self.text if self.live else self.tok.decode(self.ids)
+        return self.stream.text if self.live else self.tok.decode(self.ids)
 
 
 @torch.inference_mode()
@@ -146,6 +150,7 @@ def decode(
         res.accepted += len(path) - 1
         tok, pending = new[0], new[1:]
     cache.length = min(cache.length, pos)
+    out.close()
     res.ids, res.text, res.finish = out.ids, out.final_text(), out.finish
     return res
 

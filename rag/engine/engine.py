@@ -116,6 +116,7 @@ class Engine:
         to the store once the stream is exhausted."""
         if self.store is None:
             request.chunk_misses = len(prompt.chunks)
+            request.chunk_miss_tokens = sum(len(ids) for ids in prompt.chunks)
             yield from (self.chunk_kv(ids) for ids in prompt.chunks)
             return
         request.store = request.store or self.store.begin_request()
@@ -128,6 +129,7 @@ class Engine:
                 kv = None
             if kv is None:
                 kv = computed[key] = self.chunk_kv(ids)
+                request.chunk_miss_tokens += len(ids)
             yield kv
         request.chunk_hits, request.chunk_misses = len(keys) - len(computed), len(computed)
         self.store.put_many(computed, request.store)
@@ -194,9 +196,10 @@ class Engine:
         )
 
     # -- generation ---------------------------------------------------------------
-    def prompt(self, chunk_texts: list[str], question: str) -> Prompt:
-        """The prompt of `question` over these chunks; PromptTooLong if it cannot fit."""
-        prompt = self.prompts.build(chunk_texts, question)
+    def prompt(self, chunk_texts: list[str], question: str, preface: str = "") -> Prompt:
+        """The prompt of `question` over these chunks (after `preface`: earlier turns and
+        instructions); PromptTooLong if it cannot fit."""
+        prompt = self.prompts.build(chunk_texts, question, preface)
         self.check_fits(prompt)
         return prompt
 
@@ -224,7 +227,9 @@ class Engine:
         request.prompt_tokens = len(prompt)
         request.reused_tokens, request.recomputed_tokens = pre.reused, pre.recomputed
         request.computed_tokens = pre.computed
-        request.cached_prompt_tokens = len(prompt.header) + pre.reused - pre.recomputed
+        # The header is always reused; a chunk the store missed was computed for this request.
+        reused = pre.reused - pre.recomputed - request.chunk_miss_tokens
+        request.cached_prompt_tokens = len(prompt.header) + max(0, reused)
         r = decode(
             self.model,
             self.step,

@@ -1,4 +1,5 @@
-"""Lookahead drafting: an n-gram trie over this request's text, draft trees, tree masks, verification.
+"""Lookahead drafting: an n-gram trie over this request's text, draft trees, tree masks,
+verification.
 
 After "Lookahead: An Inference Acceleration Framework for Large Language Model
 with Lossless Generation Accuracy" (Zhao et al., 2023). RAG answers copy from
@@ -159,7 +160,8 @@ class DraftTree:
         return torch.tensor(rows, dtype=torch.bool)
 
     def mask(self, committed: int) -> torch.Tensor:
-        """[T, committed + T] bool: every node sees all committed slots, itself and its ancestors."""
+        """[T, committed + T] bool: every node sees all committed slots, itself and its
+        ancestors."""
         t = len(self.tokens)
         m = torch.ones(t, committed + t, dtype=torch.bool)
         m[:, committed:] = self.ancestors()
@@ -184,7 +186,8 @@ class DraftTree:
 
 
 def compact(cache: KVCache, committed: int, path: list[int]) -> None:
-    """Move the K/V of the accepted path (tree slots committed+i) to slots committed, committed+1, ...
+    """Move the K/V of the accepted path (tree slots committed+i) to slots committed,
+    committed+1, ...
 
     Their K/V were computed at positions committed + depth, which are exactly
     the positions of the slots they move to, so the copy is exact.
@@ -211,9 +214,8 @@ class Lookahead:
     are left out.
     """
 
-    # Defaults tuned offline on the greedy answers to 40 COVID-QA and 8 sample questions (~2K
-    # tokens of context) against the measured cost of verifying T rows on this 2-core AVX2 CPU,
-    # 1 + (0.09 .. 0.14) (T - 1) single steps: small trees of likely nodes pay, big ones do not.
+    # Small trees of likely nodes: each node costs a verification row, and a row pays only when
+    # it is likely to be accepted (the tuning is in eval/RESULTS_decode.md).
     def __init__(
         self,
         context: Sequence[int] = (),
@@ -249,7 +251,8 @@ class Lookahead:
             del self.recent[: -self.max_prefix]
 
     def draft(self, root: int, room: int) -> DraftTree:
-        """A draft tree after `root` (the last committed token) of at most `room` nodes, root included."""
+        """A draft tree after `root` (the last committed token) of at most `room` nodes, root
+        included."""
         budget = min(self.budget, room - 1)
         tree = DraftTree([root], [-1], [0], [{}])
         if budget <= 0:
@@ -268,7 +271,8 @@ class Lookahead:
                 break
         if not start:
             return []
-        # Best-first by estimated chance: a child is never likelier than its parent, so parents come first.
+        # Best-first by estimated chance: a child is never likelier than its parent, so parents
+        # come first.
         heap: list[
             tuple[float, int, list[_Node], int, int, int]
         ] = []  # (-p, tiebreak, nodes, token, parent, depth)

@@ -132,10 +132,8 @@ def for_model(model: Transformer) -> NativeDecodeStep | None:
 class NativeDecodeStep:
     """`rag.engine.decode_step.DecodeStep`'s interface, one C call a step."""
 
-    # A plain step streams the weights (bf16: ~10-11 ms on 2 cores at ~2K context; float32 ~24);
-    # each more row of a draft tree adds its compute, ~1.5 ms (the prompt's K/V shared by the
-    # rows): on 24 held-out COVID-QA questions in bf16, 1 draft gave Lookahead 1.33x, 2 1.37x,
-    # 3 1.27x, 4 1.36x (eval/RESULTS_decode.md).
+    # A step streams the weights once for all its rows, so a few draft rows cost little more
+    # than one; more rows add compute without more accepted tokens (eval/RESULTS_decode.md).
     draft_budget = 2
 
     def __init__(self, model: Transformer, lib: ctypes.CDLL):
@@ -202,7 +200,8 @@ class NativeDecodeStep:
         all_logits: bool = False,
         base: int | None = None,
     ) -> torch.Tensor:
-        """As DecodeStep.__call__: tokens `ids` [T] into slots start..start+T, logits float32 [T or 1, V]."""
+        """As DecodeStep.__call__: tokens `ids` [T] into slots start..start+T, logits
+        float32 [T or 1, V]."""
         a = self.args
         base = start if base is None else base
         t = ids.shape[0]
@@ -218,7 +217,8 @@ class NativeDecodeStep:
             or k.shape[1] != 1
         ):
             raise ValueError(
-                "the native step needs batch-1 K/V buffers in the model's dtype with contiguous slots"
+                "the native step needs batch-1 K/V buffers in the model's dtype "
+                "with contiguous slots"
             )
         pos = torch.arange(start, end) if positions is None else positions.to(torch.int64).cpu()
         self._rope_table(int(pos.max()) + 1)

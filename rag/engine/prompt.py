@@ -1,9 +1,10 @@
-"""Prompt layout: [header][chunk 1]..[chunk k][question + assistant start].
+"""Prompt layout: [header][chunk 1]..[chunk k][preface + question + assistant start].
 
 The header (system prompt and the start of the user turn) is a true prefix, the
 same for every request, so its K/V is computed once. Each chunk's tokens are
 its own text plus a separator, tokenized alone, so its K/V depends on nothing
-but its content and the header it was computed behind.
+but its content and the header it was computed behind. A conversation's earlier turns and
+the client's instructions (the preface) go in the footer, so they never touch a chunk's K/V.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ class PromptBuilder:
     def chunk_ids(self, text: str) -> list[int]:
         return self.tokenizer.encode_text(text.strip() + CHUNK_SEPARATOR)
 
-    def build(self, chunk_texts: list[str], question: str) -> Prompt:
-        footer = self.tokenizer.footer_ids(self.system_prompt, QUESTION_PREFIX + question.strip())
+    def build(self, chunk_texts: list[str], question: str, preface: str = "") -> Prompt:
+        footer = self.tokenizer.footer_ids(
+            self.system_prompt, preface + QUESTION_PREFIX + question.strip()
+        )
         return Prompt(list(self.header), [self.chunk_ids(t) for t in chunk_texts], footer)

@@ -43,6 +43,7 @@ class Request:
     store: StoreRequest | None = None  # this request's chunk-KV store traffic, per tier
     chunk_hits: int = 0  # chunks whose K/V came from the store
     chunk_misses: int = 0  # chunks computed for this request (and stored)
+    chunk_miss_tokens: int = 0  # their tokens
     reused_tokens: int = 0  # context tokens whose K/V were reused
     recomputed_tokens: int = 0  # of those, recomputed by the blend
     computed_tokens: int = 0  # tokens computed in the last layer of the prefill

@@ -79,7 +79,8 @@ def question_attention(
 
 
 def keep_counts(ratio: float, n_reused: int, n_checks: int) -> list[int]:
-    """Reused tokens kept after each check layer; gradual filtering shrinks linearly to the target."""
+    """Reused tokens kept after each check layer; gradual filtering shrinks linearly to the
+    target."""
     target = math.ceil(ratio * n_reused)
     return [min(n_reused, math.ceil(target * (n_checks - j))) for j in range(n_checks)]
 

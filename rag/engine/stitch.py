@@ -6,6 +6,7 @@ to new positions is one more rotation, which is exact. Values do not depend on p
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import torch
@@ -14,6 +15,8 @@ from cache.entry import ChunkKV
 from rag.engine.prompt import Prompt
 from rag.model.kv_cache import KVCache
 from rag.model.layers import rope_cos_sin
+
+log = logging.getLogger(__name__)
 
 ROTATE_LAYERS = (
     2  # layers re-rotated at a time: a 512-token chunk's float32 temporaries stay in cache
@@ -56,11 +59,16 @@ def stitch(
     placed as soon as it arrives, while the later ones are still loading. Returns them all.
     """
     cache.ensure(prompt.context_end)
-    placed = []
+    placed: list[ChunkKV | None] = []
     for start, kv, chunk in zip(prompt.chunk_starts, chunk_kvs, prompt.chunks, strict=True):
-        placed.append(kv)
         if kv is not None:
-            kv, end = kv.to(cache.k.device), start + len(chunk)
-            rerotate(kv.k, start - kv.base_position, inv_freq, out=cache.k[:, 0, :, start:end])
-            cache.v[:, 0, :, start:end] = kv.v
+            try:
+                kv_here, end = kv.to(cache.k.device), start + len(chunk)
+                delta = start - kv.base_position
+                rerotate(kv_here.k, delta, inv_freq, out=cache.k[:, 0, :, start:end])
+                cache.v[:, 0, :, start:end] = kv_here.v
+            except Exception:  # a cached value that does not fit: compute the chunk instead
+                log.warning("stitching a cached chunk failed; computing it", exc_info=True)
+                kv = None
+        placed.append(kv)
     return placed

@@ -94,8 +94,10 @@ class Docstore:
 
     def list_documents(self) -> list[dict]:
         rows = self.db.execute(
-            "SELECT d.doc_id, d.source, d.sha256, length(d.text), d.chunker, d.added_at, COUNT(c.chunk_id) "
-            "FROM documents d LEFT JOIN chunks c ON c.doc_id = d.doc_id GROUP BY d.doc_id ORDER BY d.doc_id"
+            "SELECT d.doc_id, d.source, d.sha256, length(d.text), d.chunker, d.added_at, "
+            "COUNT(c.chunk_id) "
+            "FROM documents d LEFT JOIN chunks c ON c.doc_id = d.doc_id "
+            "GROUP BY d.doc_id ORDER BY d.doc_id"
         )
         keys = ("doc_id", "source", "sha256", "n_chars", "chunker", "added_at", "n_chunks")
         return [dict(zip(keys, r, strict=True)) for r in rows]

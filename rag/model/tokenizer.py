@@ -46,7 +46,8 @@ class ChatTokenizer:
 
     @lru_cache(maxsize=8)  # noqa: B019 - a handful of system prompts per process
     def chat_frame(self, system: str) -> tuple[str, str]:
-        """The chat template around one user turn: (text before it, text after it + assistant start)."""
+        """The chat template around one user turn: (text before it, text after it + assistant
+        start)."""
         if self.hf.chat_template:
             for messages in (
                 [{"role": "system", "content": system}, {"role": "user", "content": _SENTINEL}],

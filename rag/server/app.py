@@ -20,9 +20,12 @@ from starlette.concurrency import run_in_threadpool
 from rag.config import Settings
 from rag.server.auth import bearer_auth, parse_keys
 from rag.server.chat import ChatRunner
+from rag.server.completions import completions_router
 from rag.server.documents import DocumentService, documents_router
 from rag.server.errors import ApiError, BodyLimit, install_error_handlers
+from rag.server.health import health
 from rag.server.metrics import Metrics, RequestCounter
+from rag.server.page import document_text_router, install_page
 from rag.server.schemas import (
     MAX_BODY_BYTES,
     MAX_UPLOAD_BYTES,
@@ -64,6 +67,10 @@ def create_app(
         title="kvrag",
         version="0.1.0",
         lifespan=lifespan,
+        # The interactive pages load their scripts from a CDN: off (the schema stays at
+        # /openapi.json), so a server in a closed network serves nothing it cannot back.
+        docs_url=None,
+        redoc_url=None,
         description="RAG serving that reuses precomputed chunk KV caches (CacheBlend).",
     )
     app.state.rag, app.state.worker, app.state.metrics = rag, worker, metrics
@@ -89,16 +96,28 @@ def create_app(
         """OpenAI chat completion; the last user message is the retrieval query."""
         return await chat.handle(body, request)
 
+    model_card = {"id": model_id, "object": "model", "created": started, "owned_by": "kvrag"}
+
     @v1.get("/v1/models", tags=["chat"])
     async def list_models() -> dict:
-        return {
-            "object": "list",
-            "data": [{"id": model_id, "object": "model", "created": started, "owned_by": "kvrag"}],
-        }
+        return {"object": "list", "data": [model_card]}
+
+    @v1.get("/v1/models/{model:path}", tags=["chat"])
+    async def retrieve_model(model: str) -> dict:
+        if model != model_id:
+            raise ApiError(
+                404,
+                f"model {model!r} not found; this server has {model_id!r}",
+                "model_not_found",
+                "model",
+            )
+        return model_card
 
     @v1.post("/v1/retrieve", response_model=RetrieveResponse, tags=["retrieval"])
     async def retrieve(body: RetrieveRequest) -> dict:
         """The top-k chunks for a query, with scores and exact character spans."""
+        if not body.query.strip():  # as chat refuses a blank question
+            raise ApiError(400, "query: must contain text", "invalid_request", "query")
         k = body.k or settings.top_k
         t0 = time.perf_counter()
         try:  # through the worker: the embedder is not thread-safe either
@@ -113,20 +132,24 @@ def create_app(
             "timings_ms": {"retrieve": round(1000 * (time.perf_counter() - t0), 1)},
         }
 
+    v1.include_router(completions_router(chat))
+    v1.include_router(document_text_router(rag))
     v1.include_router(documents_router(docs))
     app.include_router(v1)
+    install_page(app)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> JSONResponse:
-        """Liveness and readiness: answers while a generation runs (it never waits on the worker)."""
+        """Liveness and readiness: answers while a generation runs (it never waits on the
+        worker)."""
         await run_in_threadpool(rag.reload_index)
-        redis = await run_in_threadpool(rag.redis_state)
+        deps = await run_in_threadpool(health, rag)
         body = {
-            "status": "ok" if redis != "down" else "degraded",
+            "status": deps.pop("status"),
             "model_loaded": True,
             "model": model_id,
             "index_size": len(rag.index),
-            "redis": redis,
+            **deps,
             "queue_depth": worker.depth,
             "generating": worker.busy,
         }

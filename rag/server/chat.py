@@ -1,9 +1,9 @@
 """POST /v1/chat/completions: an OpenAI chat completion answered by the RAG pipeline.
 
-The last user message is both the retrieval query and the question; earlier
-turns and client system prompts are not part of the RAG prompt (the server's
-system prompt and chunk layout are fixed, which is what makes chunk K/V
-reusable). The answer carries a `kvrag` object: citations, timings, cache use.
+The last user message is the question; the earlier turns and the client's system messages go
+after the retrieved chunks (rag/conversation.py), so the server's header and chunk layout stay
+fixed and every chunk K/V reusable. A follow-up retrieves with the conversation's latest user
+messages. The answer carries a `kvrag` object: citations, timings, cache use, turns used.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from rag.conversation import Conversation
 from rag.engine.request import GenerationParams, PromptTooLong
 from rag.server.errors import ApiError, error_body
 from rag.server.metrics import Metrics
-from rag.server.schemas import ChatRequest
+from rag.server.openai_shapes import CHAT, Shape, check_supported
+from rag.server.schemas import ChatRequest, CompletionRequest
 from rag.server.worker import Cancel, GenerationWorker, Job, QueueFull
 from rag.service import Answer, RAGService
 
@@ -52,18 +54,20 @@ def kvrag_info(ans: Answer, queued_ms: float) -> dict[str, Any]:
         "citations": [h.citation() for h in ans.hits],
         "timings_ms": {k: round(v, 1) for k, v in timings.items()},
         "cache": r.cache_report(),
+        "conversation": ans.conversation_info(),
     }
 
 
 class ChatRunner:
+    """Runs a chat (or legacy text) completion on the generation worker and shapes its reply."""
+
     def __init__(self, rag: RAGService, worker: GenerationWorker, metrics: Metrics, model_id: str):
         self.rag, self.worker, self.metrics, self.model_id = rag, worker, metrics, model_id
 
     def _job(
-        self, req: ChatRequest
+        self, conv: Conversation, req: ChatRequest | CompletionRequest
     ) -> Callable[[Callable[[str], bool] | None, Cancel | None], Any]:
-        question = req.question().strip()
-        if not question:
+        if not conv.question:
             raise ApiError(
                 400, "messages: no user message with text to answer", "invalid_request", "messages"
             )
@@ -72,11 +76,13 @@ class ChatRunner:
             "k": opts.k if opts else None,
             "mode": opts.mode if opts else None,
             "ratio": opts.ratio if opts else None,
+            "conversation": conv,
         }
-        max_new = req.max_completion_tokens or req.max_tokens
+        max_new = getattr(req, "max_completion_tokens", None) or req.max_tokens
         params = GenerationParams(
             max_new_tokens=self.rag.settings.max_new_tokens if max_new is None else max_new,
-            # A vanishing temperature overflows logits/T to inf (NaN probabilities): it means greedy.
+            # A vanishing temperature overflows logits/T to inf (NaN probabilities): it means
+            # greedy.
             temperature=req.temperature if req.temperature >= MIN_TEMPERATURE else 0.0,
             top_p=req.top_p,
             stop=req.stop_list(),
@@ -84,7 +90,7 @@ class ChatRunner:
         )
 
         def run(on_text: Callable[[str], bool] | None, cancel: Cancel | None) -> Answer:
-            return self.rag.answer(question, params=params, on_text=on_text, **where)
+            return self.rag.answer(conv.question, params=params, on_text=on_text, **where)
 
         return run
 
@@ -92,14 +98,27 @@ class ChatRunner:
         self.metrics.observe_answer(ans.request, job.queued_ms)
 
     async def handle(self, req: ChatRequest, request: Request) -> Response:
-        run = self._job(req)
-        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        check_supported(req)
+        return await self.complete(req.conversation(), req, request, CHAT)
+
+    async def complete(
+        self,
+        conv: Conversation,
+        req: ChatRequest | CompletionRequest,
+        request: Request,
+        shape: Shape,
+    ) -> Response:
+        run = self._job(conv, req)
+        cid, created = f"{shape.id_prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
         cancel, job = Cancel(), Job()
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
         try:
             if req.stream:
-                deltas = self.worker.stream(run, cancel, job)
+                deltas = await _started(self.worker.stream(run, cancel, job))
+                if isinstance(job.error, PromptTooLong):  # failed before any text: a real 400
+                    raise job.error
                 return StreamingResponse(
-                    self._sse(deltas, job, cid, created),
+                    self._sse(deltas, job, shape, cid, created, include_usage),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
@@ -122,46 +141,48 @@ class ChatRunner:
             return Response(status_code=499)
         ans = result
         self._observe(ans, job)
+        finish = FINISH.get(ans.request.finish_reason, "stop")
         return JSONResponse(
             {
                 "id": cid,
-                "object": "chat.completion",
+                "object": shape.object,
                 "created": created,
                 "model": self.model_id,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": ans.text},
-                        "finish_reason": FINISH.get(ans.request.finish_reason, "stop"),
-                    }
-                ],
+                "choices": [shape.choice(ans.text, finish)],
                 "usage": ans.request.usage(),
                 "kvrag": kvrag_info(ans, job.queued_ms),
             }
         )
 
     async def _sse(
-        self, deltas: AsyncIterator[str], job: Job, cid: str, created: int
+        self,
+        deltas: AsyncIterator[str],
+        job: Job,
+        shape: Shape,
+        cid: str,
+        created: int,
+        include_usage: bool,
     ) -> AsyncIterator[str]:
-        def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
+        def event(choices: list[dict], **extra: Any) -> str:
             body = {
                 "id": cid,
-                "object": "chat.completion.chunk",
+                "object": shape.chunk_object,
                 "created": created,
                 "model": self.model_id,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                "choices": choices,
                 **extra,
             }
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-        yield chunk({"role": "assistant", "content": ""})
+        if shape.opening is not None:
+            yield event([shape.delta(shape.opening, None)])
         sent = ""
         async for delta in deltas:
             # The engine strips the final answer; keep leading whitespace out of the stream too.
             piece = delta if sent else delta.lstrip()
             if piece:
                 sent += piece
-                yield chunk({"content": piece})
+                yield event([shape.delta(piece, None)])
         if job.error is not None:
             if isinstance(job.error, PromptTooLong):
                 e = _context_error(job.error)
@@ -172,13 +193,26 @@ class ChatRunner:
         elif job.result is not None:
             ans = job.result
             self._observe(ans, job)
-            yield chunk(
-                {},
-                FINISH.get(ans.request.finish_reason, "stop"),
-                usage=ans.request.usage(),
-                kvrag=kvrag_info(ans, job.queued_ms),
-            )
+            finish = FINISH.get(ans.request.finish_reason, "stop")
+            yield event([shape.delta(None, finish)], kvrag=kvrag_info(ans, job.queued_ms))
+            if include_usage:  # OpenAI's stream_options: one more chunk, usage and no choices
+                yield event([], usage=ans.request.usage())
         yield "data: [DONE]\n\n"
+
+
+async def _started(deltas: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Wait for the first delta or the end, so an error raised before any text (the prompt
+    does not fit) is answered with its own status instead of 200 and an error event."""
+    it = aiter(deltas)
+    first = await anext(it, None)
+
+    async def rest() -> AsyncIterator[str]:
+        if first is not None:
+            yield first
+            async for delta in it:
+                yield delta
+
+    return rest()
 
 
 def _context_error(e: PromptTooLong) -> ApiError:

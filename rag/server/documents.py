@@ -1,11 +1,12 @@
-"""/v1/documents: upload (JSON text or a multipart file), list, delete.
+"""/v1/documents: upload (JSON text or a multipart file), list, delete; ingestion jobs.
 
-An upload is stored as `<data_dir>/uploads/<sanitized name>` and ingested under
-the stable doc id `uploads/<name>` (uploading the same name again updates it).
-Ingestion runs on its own thread with its own embedder, one job at a time, so
-chat keeps streaming meanwhile; the committed generation is picked up by the
-next retrieval. Cache evictions of removed chunks go through the generation
-worker, the only thread that may use the model's tokenizer.
+An upload is kept under its client's name where that is safe (`safe_filename`) and ingested
+under the stable doc id `uploads/<name>` (uploading the same name again updates it). POST
+answers 202 with an ingestion job (rag.server.ingest_jobs) that the client polls; ingestion
+runs on its own thread with its own embedder, one writer at a time (a second gets 409), so
+chat keeps streaming meanwhile; the committed generation is picked up by the next retrieval.
+Cache evictions of removed chunks go through the generation worker, the only thread that may
+use the model's tokenizer.
 """
 
 from __future__ import annotations
@@ -13,46 +14,83 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
-import re
+import time
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from ingest.chunkers import Resources
-from ingest.job import Ingestor, IngestSummary, delete_documents, index_lock
+from ingest.job import IndexBusy, Ingestor, IngestSummary, delete_documents, index_lock
 from ingest.loaders import SUFFIXES, LoadError, load_text
 from rag.config import Settings
 from rag.index.docstore import Chunk
 from rag.index.generations import IndexGenerations
 from rag.server.errors import ApiError
+from rag.server.ingest_jobs import Busy, IngestJob, IngestJobs, move_into
 from rag.server.schemas import DocumentText
 from rag.server.worker import GenerationWorker
 from rag.service import RAGService
 
 log = logging.getLogger(__name__)
 UPLOADS = "uploads"
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_SPECIAL = set('/\\:*?"<>|')
+MAX_NAME_BYTES = 160
+
+
+def storage_error(e: OSError) -> ApiError:
+    return ApiError(
+        507, f"the data dir cannot take writes: {e.strerror or e}", "storage_unavailable"
+    )
 
 
 def safe_filename(raw: str | None) -> str:
-    """A bare file name from a client's: no directories, no leading dots, a known suffix."""
-    base = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
-    base = _UNSAFE.sub("_", base).lstrip(".")[:120]
-    if not base or Path(base).suffix.lower() not in SUFFIXES:
+    """A bare file name from a client's, kept as written where that is safe (Unicode letters,
+    spaces): no directories, no leading dots, no control or format characters, a known suffix.
+    A name that had to be changed gets a digest of the original, so two different names never
+    end up as one file (`my notes.md` and `my_notes.md`, or `日本.md` and `中文.md`)."""
+    base = unicodedata.normalize("NFC", (raw or "").replace("\\", "/").rsplit("/", 1)[-1])
+    clean = "".join("_" if _unsafe_char(c) else c for c in base).strip().lstrip(".")
+    suffix = Path(clean).suffix
+    if not clean or suffix.lower() not in SUFFIXES:
         raise ApiError(
             400,
             f"file name must end with one of {', '.join(sorted(SUFFIXES))}",
             "invalid_file_name",
             "name",
         )
-    return base
+    stem = clean[: -len(suffix)]
+    if len(clean.encode()) > MAX_NAME_BYTES:  # file systems allow 255 bytes
+        stem = stem.encode()[: MAX_NAME_BYTES - 20].decode(errors="ignore")
+    if stem + suffix != base:
+        stem += "-" + hashlib.sha256(base.encode()).hexdigest()[:8]
+    return stem + suffix
+
+
+def _unsafe_char(c: str) -> bool:
+    # Control, format (bidi overrides, zero-width), surrogate and unassigned characters, and the
+    # characters shells and other file systems treat specially.
+    return unicodedata.category(c)[0] == "C" or c in _SPECIAL
+
+
+def _describe(e: BaseException) -> tuple[str, str]:
+    """A failed job's error: what the client can act on, in its words."""
+    if isinstance(e, LoadError):
+        return f"cannot ingest the upload: {e}", "unreadable_document"
+    if isinstance(e, IndexBusy):
+        return str(e), "ingestion_busy"
+    if isinstance(e, OSError):
+        return f"the data dir cannot take writes: {e.strerror or e}", "storage_unavailable"
+    if isinstance(e, ValueError | UnicodeError):  # untrusted bytes a parser choked on
+        return f"cannot ingest the upload: {type(e).__name__}: {e}", "unreadable_document"
+    return "ingestion failed (see the server log)", "ingestion_failed"
 
 
 class DocumentService:
@@ -60,6 +98,14 @@ class DocumentService:
         self.settings, self.rag, self.worker = settings, rag, worker
         self.uploads = (settings.data_dir / UPLOADS).resolve()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="kvrag-ingest")
+        self.jobs = IngestJobs(
+            self.uploads, settings.index_dir, self._executor, self._ingest_upload
+        )
+        self.jobs.describe = _describe
+        try:
+            self.jobs.resume()
+        except OSError as e:  # a read-only data dir: nothing can be resumed until it is writable
+            log.warning("cannot resume pending uploads in %s: %s", self.uploads, e)
 
     @cached_property
     def resources(self) -> Resources:
@@ -80,47 +126,49 @@ class DocumentService:
             raise ApiError(400, "file name escapes the upload folder", "invalid_file_name", "name")
         return path
 
-    def add(self, name: str, data: bytes) -> dict:
-        """Store and ingest one upload (runs on the ingestion thread)."""
+    def submit(self, name: str, data: bytes) -> dict:
+        """Store an upload and queue its ingestion job (202); 409 while another writer runs."""
         path = self._path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Hidden (the CLI skips dot files), with the real suffix (the loader dispatches on it).
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-        tmp.write_bytes(data)
         try:
-            text = load_text(tmp)
-        except Exception as e:  # untrusted bytes: any parser failure is the client's 400
-            tmp.unlink(missing_ok=True)
-            reason = str(e) if isinstance(e, LoadError | OSError) else f"{type(e).__name__}: {e}"
-            raise ApiError(
-                400, f"cannot ingest {name}: {reason}", "unreadable_document", "file"
-            ) from e
-        os.replace(tmp, path)
-        doc_id = f"{UPLOADS}/{name}"
+            job = self.jobs.submit(name, f"{UPLOADS}/{name}", data)
+        except Busy as e:
+            raise ApiError(409, str(e), "ingestion_busy") from e
+        except OSError as e:
+            raise storage_error(e) from e
+        log.info("upload %s (%d bytes) queued as job %s", path.name, len(data), job.id)
+        return job.as_dict()
+
+    def _ingest_upload(self, job: IngestJob, pending: Path, progress) -> dict:  # noqa: ANN001
+        """One job on the ingestion thread: the pending file -> index, then into uploads/."""
+        try:
+            text = load_text(pending)
+        except Exception as e:  # untrusted bytes: any parser failure is the client's
+            raise e if isinstance(e, LoadError) else LoadError(f"{type(e).__name__}: {e}") from e
+        dest = self._path(job.name)
         summary = IngestSummary(files=1)
         s, res = self.settings, self.resources
         store = IndexGenerations(s.index_dir, res.embedder.dim)
-        try:
-            with index_lock(s.index_dir), store.transaction() as (docstore, index):
-                job = Ingestor(
-                    docstore, index, res, s.chunker, s.chunk_size, s.chunk_overlap, self._evict
-                )
-                job.put(doc_id, str(path), text, summary)
-                n_chunks = len(docstore.chunks_of(doc_id))
-        except RuntimeError as e:  # another ingestion job holds the index
-            raise ApiError(409, str(e), "ingestion_busy") from e
-        job.after_commit()
+        t0 = time.perf_counter()
+        with index_lock(s.index_dir), store.transaction() as (docstore, index):
+            ingestor = Ingestor(
+                docstore, index, res, s.chunker, s.chunk_size, s.chunk_overlap, self._evict
+            )
+            ingestor.put(job.document, str(dest), text, summary, progress)
+            n_chunks = len(docstore.chunks_of(job.document))
+        move_into(pending, dest)  # after the commit: a crash before it re-runs the job
+        ingestor.after_commit()
         status = "added" if summary.added else "updated" if summary.updated else "unchanged"
         return {
             "object": "document",
-            "id": doc_id,
+            "id": job.document,
             "status": status,
             "chunks": n_chunks,
-            "bytes": len(data),
-            "seconds": round(summary.seconds, 3),
+            "bytes": job.bytes,
+            "seconds": round(time.perf_counter() - t0, 3),
         }
 
     def delete(self, doc_id: str) -> dict:
+        """Remove a document (on the ingestion thread; the caller holds jobs.exclusive())."""
         try:
             with_lock = delete_documents([doc_id], self.settings, self._evict, self.resources)
         except KeyError as e:
@@ -153,9 +201,13 @@ class DocumentService:
         ]
 
     async def run(self, fn, *args):  # noqa: ANN001, ANN201 - a thin await over the ingestion thread
-        return await asyncio.wrap_future(self._executor.submit(fn, *args))
+        try:
+            return await asyncio.wrap_future(self._executor.submit(fn, *args))
+        except OSError as e:  # a full or read-only data dir: nothing changed, say so
+            raise storage_error(e) from e
 
     def shutdown(self) -> None:
+        self.jobs.stop()  # a running job stops at its next section and stays pending
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -171,7 +223,7 @@ def documents_router(service: DocumentService) -> APIRouter:
 
     @router.post(
         "/v1/documents",
-        status_code=201,
+        status_code=202,
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -182,8 +234,10 @@ def documents_router(service: DocumentService) -> APIRouter:
             }
         },
     )
-    async def upload_document(request: Request) -> dict:
-        """Add or update a document: JSON `{"text", "name"}` or a multipart `file`."""
+    async def upload_document(request: Request) -> JSONResponse:
+        """Add or update a document: JSON `{"text", "name"}` or a multipart `file`. Answers 202
+        with an ingestion job at once; poll `Location` (GET /v1/documents/jobs/{id}) until its
+        status is "done" or "failed". 409 while another upload or delete is in progress."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "multipart/form-data":
             try:
@@ -209,7 +263,17 @@ def documents_router(service: DocumentService) -> APIRouter:
             raise ApiError(
                 415, "send application/json or multipart/form-data", "unsupported_media_type"
             )
-        return await service.run(service.add, name, data)
+        job = await run_in_threadpool(service.submit, name, data)
+        location = f"/v1/documents/jobs/{job['id']}"
+        return JSONResponse(job, status_code=202, headers={"Location": location})
+
+    @router.get("/v1/documents/jobs/{job_id}")
+    async def ingestion_job(job_id: str) -> dict:
+        """An upload's ingestion job: queued, running (with progress), done or failed."""
+        job = service.jobs.get(job_id)
+        if job is None:
+            raise ApiError(404, f"no ingestion job {job_id!r}", "job_not_found", "job_id")
+        return job.as_dict()
 
     @router.get("/v1/documents")
     async def list_documents() -> dict:
@@ -217,6 +281,10 @@ def documents_router(service: DocumentService) -> APIRouter:
 
     @router.delete("/v1/documents/{doc_id:path}")
     async def delete_document(doc_id: str) -> dict:
-        return await service.run(service.delete, doc_id)
+        try:
+            with service.jobs.exclusive():
+                return await service.run(service.delete, doc_id)
+        except Busy as e:
+            raise ApiError(409, str(e), "ingestion_busy") from e
 
     return router

@@ -67,6 +67,10 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     param = _loc(tuple(first.get("loc", ())))
+    if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
+        param = "body"
+        where = first.get("loc", ())[-1]
+        first = {**first, "msg": f"invalid JSON at character {where}: {first.get('msg')}"}
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return error_response(
         ApiError(400, f"{param}: {first.get('msg')}{more}", "invalid_request", param)

@@ -43,11 +43,20 @@ class _Live:
         misses = CounterMetricFamily(
             "kvrag_cache_misses", "Chunk-KV lookups a tier missed", labels=["tier"]
         )
+        corrupt = CounterMetricFamily(
+            "kvrag_cache_corrupt",
+            "Values that failed verification (deleted, served as misses)",
+            labels=["tier"],
+        )
+        errors = CounterMetricFamily(
+            "kvrag_cache_errors", "Tier backend failures served as misses", labels=["tier"]
+        )
         for tier, c in stats["tiers"].items():
             hits.add_metric([tier], c["hits"])
             misses.add_metric([tier], c["misses"])
-        yield hits
-        yield misses
+            corrupt.add_metric([tier], c.get("corrupt", 0))
+            errors.add_metric([tier], c.get("errors", 0))
+        yield from (hits, misses, corrupt, errors)
         reused, recomputed = self.tokens()
         total = reused + recomputed
         yield GaugeMetricFamily(

@@ -12,8 +12,7 @@
    activations are). Built by rag/native_step.py with -O3 -march=native -fopenmp; the GCC
    vector types below become AVX-512 or AVX2 code, whatever the CPU has. Without AVX-512 a
    64-byte vector is no register type and GCC keeps every v16f on the stack, so the hot loops
-   (linears, scores, softmax, P.V, norms, SiLU) use 32-byte vectors there: on an AVX2 Zen 3 that made a
-   step 4x faster. The typed part (decode_step_typed.h) is compiled once per weight dtype. */
+   (linears, scores, softmax, P.V, norms, SiLU) use 32-byte vectors there. The typed part (decode_step_typed.h) is compiled once per weight dtype. */
 
 #ifdef __AVX512BF16__
 #include <immintrin.h>
@@ -212,8 +211,7 @@ static inline void reduce16_halves(const v8f *lo, const v8f *hi, float scale, fl
 #define SFX(name) CAT(name, SUFFIX)
 
 /* bf16 weights and K/V; a matmul's input rounded to bf16. Without bf16 dot products the input
-   is kept widened (exact): widening it again for every weight row made each row of a draft
-   tree cost ~2x a float32 row on AVX2. */
+   is kept widened (exact), so it is not widened again for every weight row. */
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 #define SUFFIX _bf16
 #define W uint16_t
