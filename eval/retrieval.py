@@ -175,7 +175,7 @@ def run_retrieval_eval(
         raise FileNotFoundError(
             f"questions refer to corpora not in {corpora_dir}: {sorted(missing)}"
         )
-    # The benchmark's name: the questions file's folder (chroma_eval, covidqa), and the subset if any.
+    # The benchmark: the questions file's folder (chroma_eval, covidqa), and the subset if any.
     benchmark = Path(questions_csv).resolve().parent.name + (
         f" ({len(corpora)} corpora)" if only else ""
     )
@@ -400,7 +400,7 @@ def add_eval_retrieval_args(p: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--only",
         type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
         default=None,
-        help="comma-separated corpus file stems: evaluate on these corpora and their questions only",
+        help="comma-separated corpus file stems: only these corpora and their questions",
     )
     p.add_argument("--no-progress", action="store_true")
     return p
