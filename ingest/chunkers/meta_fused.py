@@ -1,13 +1,11 @@
 """Meta-Chunking with each gap's cost from two signals: the LLM's perplexity and embedding distance.
 
-Perplexity alone (ingest.chunkers.meta_ppl) ends meta-chunks at local minima of
-sentence perplexity; a 135M model's perplexity also dips and jumps with sentence
-form (numbers, lists, names), and embedding distance alone (semantic) misses
-shifts that keep the vocabulary. Here both are standardized over the text and
-added per gap: the jump in perplexity into the next sentence and the cosine
-distance between the two sentences' MiniLM vectors. Meta-chunks end where the
-fused score stands out, and the merge (ingest.chunkers.merge) orders its cuts
-by it. Why these weights: eval/RESULTS_retrieval.md.
+Per gap, the jump in sentence perplexity into the next sentence (ingest.chunkers.meta_ppl)
+and the cosine distance between the two sentences' MiniLM vectors (ingest.chunkers.semantic)
+are standardized over the text and added. The two are nearly uncorrelated per gap, so each
+can outvote the other's noise. Meta-chunks end where the fused score is in the text's top
+decile, and the merge (ingest.chunkers.merge) orders its cuts by it. Measured against
+meta-ppl and semantic on two benchmarks in eval/RESULTS_retrieval.md (not the default there).
 """
 
 from __future__ import annotations
