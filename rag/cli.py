@@ -300,6 +300,10 @@ EVALS = {
         "eval.covidqa_corpus",
         "a SQuAD-format data set (COVID-QA) as corpora + questions for `eval retrieval`",
     ),
+    "qa": (
+        "eval.qa",
+        "answers on a SQuAD-format dataset: EM/F1, and fidelity to full prefill per mode/ratio",
+    ),
 }
 
 

@@ -31,7 +31,8 @@ class BufferPool:
             fits = [b for b in self._spare if b.max_len >= n_slots]
             if fits:
                 buf = min(fits, key=lambda b: b.max_len)
-                self._spare.remove(buf)
+                # By identity: KVCache's dataclass == would compare the tensors.
+                self._spare = [b for b in self._spare if b is not buf]
         if not fits:
             rounded = -(-n_slots // SLOT_ROUND) * SLOT_ROUND
             buf = self.model.new_cache(min(self.max_slots, rounded))
