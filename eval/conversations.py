@@ -148,6 +148,7 @@ def eval_ttft(rag: RAGService, spec: dict, k: int, rounds: int, max_tokens: int)
     first_ms: list[float] = []
     follow_ms: list[float] = []
     history_tokens: list[int] = []
+    computed: dict[str, list[int]] = {"first": [], "follow_up": []}
     convs = spec["conversations"]
     bar = tqdm(total=(rounds + 1) * len(convs), desc="ttft", unit="conv")
     for r in range(rounds + 1):
@@ -160,6 +161,8 @@ def eval_ttft(rag: RAGService, spec: dict, k: int, rounds: int, max_tokens: int)
                 first_ms.append(a1.request.timings_ms["ttft"])
                 follow_ms.append(a2.request.timings_ms["ttft"])
                 history_tokens.append(a2.request.prompt_tokens - a1.request.prompt_tokens)
+                computed["first"].append(a1.request.computed_tokens)
+                computed["follow_up"].append(a2.request.computed_tokens)
             bar.update()
     bar.close()
     ratios = [f / s for f, s in zip(follow_ms, first_ms, strict=True)]
@@ -172,6 +175,7 @@ def eval_ttft(rag: RAGService, spec: dict, k: int, rounds: int, max_tokens: int)
         "ratio_p50": round(statistics.median(ratios), 3),
         "ratio_of_means": round(statistics.fmean(follow_ms) / statistics.fmean(first_ms), 3),
         "extra_prompt_tokens_p50": statistics.median(history_tokens),
+        "computed_tokens_p50": {t: statistics.median(v) for t, v in computed.items()},
     }
 
 

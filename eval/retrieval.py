@@ -62,10 +62,16 @@ def load_questions(path: Path | str) -> list[Question]:
     return out
 
 
-def load_corpora(folder: Path | str) -> dict[str, str]:
+def load_corpora(folder: Path | str, only: list[str] | None = None) -> dict[str, str]:
+    """Corpus texts by file stem; `only`: just these stems (each must exist)."""
     files = sorted(p for p in Path(folder).iterdir() if p.suffix in {".md", ".txt"})
     if not files:
         raise FileNotFoundError(f"no .md or .txt corpora in {folder}")
+    if only:
+        unknown = sorted(set(only) - {p.stem for p in files})
+        if unknown:
+            raise FileNotFoundError(f"no corpus {', '.join(unknown)} in {folder}")
+        files = [p for p in files if p.stem in set(only)]
     return {p.stem: p.read_text(encoding="utf-8") for p in files}
 
 
@@ -141,6 +147,7 @@ def run_retrieval_eval(
     boundary_pairs: int = 32,
     chunker_options: dict | None = None,
     retrievals: list[str] | None = None,
+    only: list[str] | None = None,
 ) -> list[dict]:
     """Evaluate each chunker at each size with each retrieval (default: the service's); writes
     OUT.json (an object for one row, else a list, plus OUT.md and OUT.png).
@@ -159,13 +166,19 @@ def run_retrieval_eval(
         torch.set_num_threads(settings.threads)
     sizes = [chunk_sizes] if isinstance(chunk_sizes, int) else list(chunk_sizes)
     retrievals = retrievals or [settings.retrieval]
-    corpora = load_corpora(corpora_dir)
+    corpora = load_corpora(corpora_dir, only)
     questions = load_questions(questions_csv)
+    if only:  # a subset of the corpora: their questions only
+        questions = [q for q in questions if q.excerpts[0].corpus in corpora]
     missing = {x.corpus for q in questions for x in q.excerpts} - set(corpora)
     if missing:
         raise FileNotFoundError(
             f"questions refer to corpora not in {corpora_dir}: {sorted(missing)}"
         )
+    # The benchmark: the questions file's folder (chroma_eval, covidqa), and the subset if any.
+    benchmark = Path(questions_csv).resolve().parent.name + (
+        f" ({len(corpora)} corpora)" if only else ""
+    )
     resources = Resources(settings)
     cache = EmbeddingCache(resources.embedder)
     q_vecs = resources.embedder.embed([q.text for q in questions])
@@ -208,6 +221,7 @@ def run_retrieval_eval(
                 t1 = time.perf_counter()
                 scores = evaluate_chunks(chunks, corpora, questions, q_vecs, cache, k, retrieval)
                 row = {
+                    "benchmark": benchmark,
                     "chunker": name,
                     "chunk_size": size,
                     "retrieval": retrieval,
@@ -232,7 +246,7 @@ def run_retrieval_eval(
         "state_of_the_union",
         "wikitexts",
     }
-    write_outputs(results, Path(out_json), chroma_refs=full_benchmark)
+    write_outputs(results, Path(out_json), chroma_refs=full_benchmark, title=benchmark)
     return results
 
 
@@ -268,6 +282,7 @@ def _chunk(
 
 
 COLUMNS = [
+    ("benchmark", "benchmark", text),
     ("chunker", "chunker", text),
     ("chunk_size", "size", text),
     ("retrieval", "retrieval", text),
@@ -283,7 +298,9 @@ COLUMNS = [
 ]
 
 
-def write_outputs(results: list[dict], out_json: Path, chroma_refs: bool = True) -> None:
+def write_outputs(
+    results: list[dict], out_json: Path, chroma_refs: bool = True, title: str = "Chroma benchmark"
+) -> None:
     """OUT.json; for several results also OUT.md (table) and OUT.png (recall vs IoU, Chroma's
     points if comparable)."""
     out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -311,7 +328,7 @@ def write_outputs(results: list[dict], out_json: Path, chroma_refs: bool = True)
             "chunk_size" if grouped else "chunker",
             out_json.with_suffix(".png"),
             series="series" if grouped else None,
-            title=f"Chroma benchmark, all-MiniLM-L6-v2, k={k}",
+            title=f"{title}, all-MiniLM-L6-v2, k={k}",
             xlabel="IoU (%)",
             ylabel=f"recall@{k} (%)",
             refs=[(n, iou, r) for n, r, iou in CHROMA_REFS] if chroma_refs and k == 5 else [],
@@ -379,6 +396,12 @@ def add_eval_retrieval_args(p: argparse.ArgumentParser) -> argparse.ArgumentPars
         default=32,
         help="adjacent chunk pairs sampled for boundary clarity (0: skip)",
     )
+    p.add_argument(
+        "--only",
+        type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
+        default=None,
+        help="comma-separated corpus file stems: only these corpora and their questions",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -406,6 +429,7 @@ def cmd_eval_retrieval(args: argparse.Namespace, settings=None) -> int:
         progress=not args.no_progress,
         boundary_pairs=args.boundary_pairs,
         retrievals=args.retrieval,
+        only=args.only,
     )
     print(markdown_table(results, COLUMNS))
     return 0

@@ -296,6 +296,18 @@ EVALS = {
         "eval.retrieval",
         "chunkers on Chroma's token-level retrieval benchmark (IoU family)",
     ),
+    "retrieval-table": (
+        "eval.retrieval_table",
+        "several `eval retrieval` runs (e.g. two benchmarks) in one table and plot",
+    ),
+    "covidqa": (
+        "eval.covidqa_corpus",
+        "a SQuAD-format data set (COVID-QA) as corpora + questions for `eval retrieval`",
+    ),
+    "qa": (
+        "eval.qa",
+        "answers on a SQuAD-format dataset: EM/F1, and fidelity to full prefill per mode/ratio",
+    ),
 }
 
 
@@ -307,10 +319,11 @@ def cmd_lab(args: argparse.Namespace) -> int:
     module, help_text = (BENCHES if args.kind == "bench" else EVALS)[args.name]
     mod = importlib.import_module(module)
     parser = argparse.ArgumentParser(prog=f"kvrag {args.kind} {args.name}", description=help_text)
-    getattr(mod, f"add_{args.kind}_{args.name}_args")(parser)
+    fn = args.name.replace("-", "_")  # `retrieval-table` -> add_eval_retrieval_table_args
+    getattr(mod, f"add_{args.kind}_{fn}_args")(parser)
     own = parser.parse_args(args.args)
     own.data_dir = args.data_dir
-    return getattr(mod, f"cmd_{args.kind}_{args.name}")(own, _settings(args))
+    return getattr(mod, f"cmd_{args.kind}_{fn}")(own, _settings(args))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,3 +126,16 @@ def test_ask_stream_cite_highlight_follow_up(served, browser, tmp_path):
     shot = Path(SCREENSHOT) if SCREENSHOT else tmp_path / "chat.png"
     driver.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
+
+    # Upload from the page: the new document shows up in the list.
+    note = tmp_path / "puffin_note.md"
+    note.write_text("# Puffins\n\nPuffins nest on Skerra Rock from April to August.\n")
+    driver.find_element(By.ID, "file").send_keys(str(note))
+    driver.find_element(By.CSS_SELECTOR, "#upload button").click()
+    WebDriverWait(driver, ANSWER_TIMEOUT_S).until(
+        lambda d: (
+            "uploads/puffin_note.md" in d.find_element(By.ID, "doc-list").text
+            or d.find_element(By.ID, "error").text
+        )
+    )
+    assert "uploads/puffin_note.md" in driver.find_element(By.ID, "doc-list").text

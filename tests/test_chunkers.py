@@ -7,11 +7,13 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from ingest.chunkers import CHUNKERS, Resources, make_chunker
 from ingest.chunkers.merge import TokenCounter, merge_meta_chunks
+from ingest.chunkers.meta_fused import fused_gaps
 from ingest.chunkers.meta_margin import adaptive_boundaries
 from ingest.chunkers.meta_ppl import find_minima
 from ingest.lm_scorer import LMScorer, plan_windows
@@ -73,6 +75,32 @@ def test_ppl_chunking_splits_at_the_seam_of_two_topics(resources):
     seam_sentence = max(i for i, (_, e) in enumerate(sentences) if e <= seam)
     assert seam_sentence in minima
     assert seam in {e for _, e in chunker.split(text)}
+
+
+@needs_corpora
+def test_fused_chunking_splits_at_the_seam_of_two_topics(resources):
+    a = corpus("state_of_the_union", 0, 1400)
+    b = corpus("pubmed", 30000, 1400)
+    a = a[: a.rfind(".") + 1]
+    b = b[b.find(". ") + 2 :]
+    text = a + " " + b  # no line break: only the signals can find the seam
+    chunker = make_chunker("meta-fused", resources, 120)
+    sentences = split_sentences(text)
+    gaps = chunker.gaps(text, sentences)
+    seam_sentence = max(i for i, (_, e) in enumerate(sentences) if e <= len(a))
+    assert gaps[seam_sentence] > np.percentile(gaps, 90)
+    assert len(a) in {e for _, e in chunker.split(text)}
+
+
+def test_fused_gaps_weigh_two_standardized_signals():
+    ppl = [2.0, 4.0, 3.0, 3.0, 6.0]  # jumps: 2, -1, 0, 3
+    dist = np.array([0.1, 0.5, 0.3, 0.3])
+    only_llm, only_emb = fused_gaps(ppl, dist, 1.0), fused_gaps(ppl, dist, 0.0)
+    assert np.argmax(only_llm) == 3 and np.argmax(only_emb) == 1
+    for z in (only_llm, only_emb):
+        assert z.mean() == pytest.approx(0.0) and z.std() == pytest.approx(1.0)
+    assert fused_gaps(ppl, dist, 0.5) == pytest.approx(0.5 * only_llm + 0.5 * only_emb)
+    assert not np.isnan(fused_gaps([1.0, 1.0, 1.0], np.zeros(2), 0.5)).any()  # flat signals
 
 
 def test_find_minima_threshold_and_plateau():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ingest.chunkers.base import Chunker, Resources, Span
 
 # Sizes are embedder wordpieces; the Meta-Chunking ones merge meta-chunks up to the size.
-CHUNKERS = ("meta-ppl", "meta-margin", "token", "recursive", "semantic")
+CHUNKERS = ("meta-fused", "meta-ppl", "meta-margin", "token", "recursive", "semantic")
 
 
 def make_chunker(
@@ -29,6 +29,10 @@ def make_chunker(
         from ingest.chunkers.meta_ppl import PerplexityChunker
 
         return PerplexityChunker(resources.scorer, resources.embedder.tokenizer, size, **options)
+    if name == "meta-fused":
+        from ingest.chunkers.meta_fused import FusedChunker
+
+        return FusedChunker(resources.scorer, resources.embedder, size, **options)
     if name == "meta-margin":
         from ingest.chunkers.meta_margin import MarginChunker
 

@@ -9,13 +9,28 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from rag.service import RAGService
 
+PROBE_EVERY_S = 5.0  # probes come every few seconds: one synced write per interval is enough
+_probed: dict[Path, tuple[float, tuple[bool, str | None]]] = {}
+
 
 def data_dir_writable(data_dir: Path) -> tuple[bool, str | None]:
-    """Whether one byte can be written (and synced) under the data dir; the error if not."""
+    """Whether one byte can be written (and synced) under the data dir; the error if not.
+    Remembered for PROBE_EVERY_S."""
+    now = time.monotonic()
+    seen = _probed.get(data_dir)
+    if seen is not None and now - seen[0] < PROBE_EVERY_S:
+        return seen[1]
+    result = _probe(data_dir)
+    _probed[data_dir] = (now, result)
+    return result
+
+
+def _probe(data_dir: Path) -> tuple[bool, str | None]:
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=data_dir, prefix=".healthz.")
