@@ -268,7 +268,10 @@ BENCHES = {
         "eval.bench_cache",
         "tier load speed and TTFT by tier (memory, Redis, disk, miss, full)",
     ),
-    "load": ("eval.bench_load", "requests/s and TTFT of full vs blend under concurrent load"),
+    "load": (
+        "eval.bench_load",
+        "tok/s, TTFT and ITL under concurrent load: full vs blend, fifo vs batch scheduler",
+    ),
     "ttft": (
         "eval.bench_ttft",
         "TTFT, speedup and fidelity (KL, top-1) of full / reuse / blend ratios",
@@ -278,6 +281,7 @@ BENCHES = {
         "decode tokens/s: transformers generate() vs lean loop vs Lookahead",
     ),
     "replicas": ("eval.bench_replicas", "API replicas sharing a Redis Cluster KV tier"),
+    "batch": ("eval.bench_batch", "decode tok/s: B requests batched vs each drafting alone"),
     "upload": (
         "eval.bench_upload",
         "a large upload as a job: time to answer, server memory, other document calls meanwhile",

@@ -68,6 +68,13 @@ class Settings(BaseSettings):
 
     api_keys: str = ""  # comma-separated; empty = no auth
 
+    # Serving: batch = the running requests decode together (rag.engine.scheduler); fifo =
+    # one request at a time, in arrival order.
+    scheduler: Literal["batch", "fifo"] = "batch"
+    max_batch: int = Field(8, ge=1, le=64)  # requests decoding at once
+    kv_budget_mb: float = Field(2048, ge=0)  # request K/V buffers, all together (0 = unbounded)
+    max_queue: int = Field(32, ge=1)  # requests waiting beyond those running; more get a 503
+
     @cached_property
     def torch_device(self) -> str:
         if self.device:

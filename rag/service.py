@@ -97,7 +97,14 @@ class RAGService:
         lm = load_model(
             settings.model, settings.models_dir, settings.torch_dtype, settings.torch_device
         )
-        self.engine = Engine(lm, settings.system_prompt, settings.max_context_tokens)
+        self.engine = Engine(
+            lm,
+            settings.system_prompt,
+            settings.max_context_tokens,
+            kv_budget_mb=settings.kv_budget_mb or None,
+            max_batch=settings.max_batch,
+        )
+        self._embed_lock = threading.Lock()  # the embedder is not thread-safe
         self.engine.store = build_store(
             settings.cache_memory_mb,
             settings.kv_dir,
@@ -148,7 +155,8 @@ class RAGService:
 
     def retrieve(self, question: str, k: int) -> list[Hit]:
         self.reload_index()
-        vec = self.embedder.embed([question])[0]
+        with self._embed_lock:
+            vec = self.embedder.embed([question])[0]
         with self._index_lock:
             found = self.retriever.search(vec, question, k)
             chunks = self.docstore.get_chunks([cid for cid, _ in found])
@@ -198,6 +206,17 @@ class RAGService:
         return "failing" if getattr(disk, "failing", False) else "ok"
 
     # -- answer -----------------------------------------------------------------
+    def start_batching(self, max_batch: int) -> None:
+        """Answers from now on decode together, up to max_batch at once (rag.engine.scheduler);
+        `answer` may then be called from several threads."""
+        if self.engine.scheduler is None:
+            self.engine.start_scheduler(max_batch)
+
+    def stop_batching(self) -> None:
+        if self.engine.scheduler is not None:
+            self.engine.scheduler.close()
+            self.engine.scheduler = None
+
     def answer(
         self,
         question: str,

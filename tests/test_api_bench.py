@@ -27,6 +27,11 @@ def test_load_bench_against_a_url(tmp_path, capsys):
             assert m["requests"] == 5 and m["errors"] == 0 and m["rps"] > 0
             assert 0 < m["ttft_ms_p50"] <= m["ttft_ms_p95"]
         assert result["ratio"] > 0
+        assert result["max_tokens"] == 3 and len(result["runs"]) == 2
+        for run in result["runs"]:
+            assert run["scheduler"] == "server" and run["concurrency"] == 2
+            assert run["failed"] == 0 and run["completion_tok_s"] > 0
+            assert 0 < run["itl_ms_p50"] <= run["itl_ms_p95"]
         assert len(rag.calls) == 2 + 10  # one warm-up per mode, then 5 per mode
 
         out = tmp_path / "bench.json"
@@ -37,7 +42,9 @@ def test_load_bench_against_a_url(tmp_path, capsys):
                 "--api-key",
                 "k1",
                 "--concurrency",
-                "1",
+                "1,2",
+                "--modes",
+                "blend",
                 "--requests",
                 "2",
                 "--json",
@@ -45,7 +52,15 @@ def test_load_bench_against_a_url(tmp_path, capsys):
             ]
         )
         assert cmd_bench_load(args) == 0
-        assert set(json.loads(out.read_text())) >= {"concurrency", "requests", "modes", "ratio"}
+        swept = json.loads(out.read_text())
+        assert [(r["mode"], r["concurrency"]) for r in swept["runs"]] == [
+            ("blend", 1),
+            ("blend", 2),
+        ]
+        assert out.with_suffix(".png").stat().st_size > 0
+        args.concurrency = [1]
+        assert cmd_bench_load(args) == 0
+        assert set(json.loads(out.read_text())) >= {"concurrency", "requests", "modes", "runs"}
         bad = add_bench_load_args(argparse.ArgumentParser()).parse_args(
             ["--url", server.url, "--api-key", "wrong", "--requests", "1", "--no-warmup"]
         )

@@ -65,6 +65,12 @@ class FakeRAG:
     def forget_chunks(self, chunks) -> None:
         pass
 
+    def start_batching(self, max_batch: int) -> None:
+        self.batching = max_batch
+
+    def stop_batching(self) -> None:
+        self.batching = 0
+
     def document_text(self, doc_id: str) -> str | None:
         return "Intro. Greywater Point is 34 m tall." if doc_id == "docs/a.md" else None
 
@@ -107,8 +113,8 @@ class FakeRAG:
             self.active -= 1
 
 
-def _settings(tmp_path, keys: str = "") -> Settings:
-    return Settings(data_dir=tmp_path / "data", api_keys=keys)
+def _settings(tmp_path, keys: str = "", scheduler: str = "fifo", **kw) -> Settings:
+    return Settings(data_dir=tmp_path / "data", api_keys=keys, scheduler=scheduler, **kw)
 
 
 @pytest.fixture
@@ -374,6 +380,31 @@ def test_queue_bound_gives_503(tmp_path):
         assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
         assert r.headers["retry-after"]
         assert done.wait(30)
+
+
+def test_batch_scheduler_runs_requests_at_once_and_bounds_its_queue(tmp_path):
+    """batch: up to max_batch answers at once (each on its own thread; the engine's scheduler
+    batches their decoding), max_queue more wait, and the next gets a 503 with Retry-After."""
+    rag = FakeRAG(_settings(tmp_path, scheduler="batch", max_batch=2, max_queue=1), delay_s=0.05)
+    with ThreadServer(create_app(rag.settings, rag)) as server:
+        assert rag.batching == 2
+        results: list[int] = []
+
+        def long() -> None:
+            body = _chat(max_tokens=30)
+            results.append(httpx.post(f"{server.url}/v1/chat/completions", json=body).status_code)
+
+        threads = [threading.Thread(target=long) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        r = httpx.post(f"{server.url}/v1/chat/completions", json=_chat())
+        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
+        assert r.headers["retry-after"]
+        for t in threads:
+            t.join(30)
+        assert results == [200, 200, 200] and rag.max_active == 3
+    assert rag.batching == 0
 
 
 def test_metrics(open_app):

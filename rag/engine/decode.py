@@ -34,7 +34,7 @@ class DecodeResult:
     accepted: int = 0  # draft tokens accepted
 
 
-class _Output:
+class Output:
     """Collects tokens and applies the stop rules, one token at a time."""
 
     def __init__(
@@ -99,7 +99,7 @@ def decode(
 ) -> DecodeResult:
     """Generate from next-token `logits` [V] with slots [0, start) of `cache` filled."""
     gen = torch.Generator(model.device).manual_seed(seed) if seed is not None else None
-    out = _Output(tokenizer, max_new_tokens, stop, on_text)
+    out = Output(tokenizer, max_new_tokens, stop, on_text)
     res = DecodeResult([], "", "length", 0.0)
     if max_new_tokens <= 0:
         return res

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from rag.engine.batch_row import BatchRow
 from rag.engine.lookahead import tree_tails
 from rag.model.context import Context
 from rag.model.kv_cache import KVCache
@@ -134,6 +135,56 @@ class DecodeStep:
         ctx = Context(cache, positions, slots, cos, sin, attention)
         logits = model.logits(model.run(ids[None], ctx)[0])
         return logits[:t] if all_logits else logits[t - 1 : t]
+
+    def batch(self, rows: list[BatchRow]) -> torch.Tensor:
+        return decode_batch(self, rows)
+
+
+class BatchContext:
+    """The Context of a batched decode step: row i is one token of request i, whose K/V go to
+    and are read from that request's own buffer. Each row attends exactly as its request's
+    plain step (`DecodeStep.__call__`) does, as two identical rows, so its bits do not depend
+    on the batch."""
+
+    def __init__(self, rows: list[BatchRow], cos: torch.Tensor, sin: torch.Tensor, kh: int):
+        self.batch_rows, self.cos, self.sin = rows, cos, sin
+        self.attention = [
+            DecodeAttention(
+                r.base, *DecodeStep._tails(r.cache, r.base, r.pos, 1, MIN_ROWS, None), kh
+            )
+            for r in rows
+        ]
+        self.end = 0  # (no shared buffer: each row's is its own)
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        for i, r in enumerate(self.batch_rows):
+            r.cache.write(layer, slice(r.pos, r.pos + 1), k[:, :, i : i + 1], v[:, :, i : i + 1])
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(q[:, :, : len(self.batch_rows)])
+        for i, (r, attention) in enumerate(zip(self.batch_rows, self.attention, strict=True)):
+            qi = q[:, :, i : i + 1].expand(-1, -1, MIN_ROWS, -1)
+            out[:, :, i] = attention(layer, qi, r.cache.k[layer], r.cache.v[layer])[:, :, 0]
+        return out
+
+    def finish(self, end: int) -> None:
+        for r in self.batch_rows:
+            r.cache.length = max(r.cache.length, r.pos + 1)
+
+
+def decode_batch(step: DecodeStep, rows: list[BatchRow]) -> torch.Tensor:
+    """One token for each of several requests in one forward over the weights (the PyTorch
+    counterpart of NativeDecodeStep.batch): logits float32 [len(rows), V]."""
+    model = step.model
+    n = len(rows)
+    padded = rows if n >= MIN_ROWS else rows * MIN_ROWS  # one row alone: two (see module doc)
+    for r in rows:
+        r.cache.ensure(r.pos + 1)
+    ids = torch.tensor([[r.token for r in padded]], device=model.device)
+    positions = torch.tensor([r.pos for r in padded], device=model.device)
+    cos, sin = step._rope(positions)
+    ctx = BatchContext(padded, cos, sin, model.args.n_kv_heads)
+    return model.logits(model.run(ids, ctx)[0])[:n]  # type: ignore[arg-type]
 
 
 def attend_rows(

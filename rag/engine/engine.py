@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,13 +24,16 @@ from cache.store import TieredStore
 from rag.engine import native_step
 from rag.engine.blend import blend_prefill
 from rag.engine.buffers import BufferPool
-from rag.engine.decode import decode, new_drafter
+from rag.engine.decode import DecodeResult, decode, new_drafter
 from rag.engine.decode_step import DecodeStep
 from rag.engine.lookahead import AnswerMemory
 from rag.engine.prompt import LAYOUT_VERSION, Prompt, PromptBuilder
 from rag.engine.request import MODES, PromptTooLong, Request
 from rag.model.kv_cache import KVCache
 from rag.model.loader import LoadedModel
+
+if TYPE_CHECKING:
+    from rag.engine.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,8 @@ class Engine:
         system_prompt: str,
         max_context: int = 8192,
         store: TieredStore | None = None,
+        kv_budget_mb: float | None = None,
+        max_batch: int = 1,
     ):
         self.lm = lm
         self.model = lm.model
@@ -66,10 +72,19 @@ class Engine:
         self.kv_dtype = KV_STORE_DTYPE[self.model.dtype]
         self.fingerprint = fingerprint_tensors(self.model.state_dict())  # part of every chunk key
         self.store = store
-        self.buffers = BufferPool(self.model, self.max_context)
+        budget = int(kv_budget_mb * 2**20) if kv_budget_mb else None
+        self.buffers = BufferPool(self.model, self.max_context, budget, spare=max_batch)
         self.step = native_step.for_model(self.model) or DecodeStep(self.model)
         self.answers = AnswerMemory()  # recent answers' n-grams, for Lookahead's drafts
         self.header_kv = self._header_kv()
+        self.scheduler: Scheduler | None = None  # set: generate() batches (start_scheduler)
+
+    def start_scheduler(self, max_batch: int = 8) -> Scheduler:
+        """From now on `generate` runs requests through a batching scheduler."""
+        from rag.engine.scheduler import Scheduler
+
+        self.scheduler = Scheduler(self, max_batch)
+        return self.scheduler
 
     # -- buffers ------------------------------------------------------------------
     @torch.inference_mode()
@@ -80,9 +95,12 @@ class Engine:
         k, v = cache.view(0, len(header))
         return k.clone(), v.clone()
 
-    def new_cache(self, n_slots: int) -> KVCache:
-        """A request buffer of n_slots with the header's K/V in place (`release` it when done)."""
-        cache = self.buffers.take(n_slots)
+    def new_cache(self, n_slots: int, wait: bool = False) -> KVCache:
+        """A request buffer of n_slots with the header's K/V in place (`release` it when done);
+        over the K/V budget, wait for one (`wait`) or raise OverBudget."""
+        return self._with_header(self.buffers.take(n_slots, wait))
+
+    def _with_header(self, cache: KVCache) -> KVCache:
         k, v = self.header_kv
         cache.load(0, k, v)
         cache.length = k.shape[2]
@@ -101,14 +119,13 @@ class Engine:
     def chunk_kv(self, chunk_ids: list[int]) -> ChunkKV:
         """A chunk's K/V computed right behind the header (whose own K/V is dropped)."""
         h = len(self.prompts.header)
-        cache = self.new_cache(h + len(chunk_ids))
+        # Not from the request pool: a short-lived buffer outside the requests' K/V budget.
+        cache = self._with_header(self.model.new_cache(h + len(chunk_ids)))
         self.model(
             torch.tensor([chunk_ids], device=self.model.device), cache, h, logits_for=slice(0, 0)
         )
         k, v = cache.view(h, h + len(chunk_ids))
-        kv = ChunkKV(k.to(self.kv_dtype).clone(), v.to(self.kv_dtype).clone(), base_position=h)
-        self.release(cache)
-        return kv
+        return ChunkKV(k.to(self.kv_dtype).clone(), v.to(self.kv_dtype).clone(), base_position=h)
 
     def chunk_kvs(self, prompt: Prompt, request: Request) -> Iterator[ChunkKV]:
         """The prompt's chunk K/V in order, each as soon as the store delivers it; a chunk the
@@ -174,13 +191,15 @@ class Engine:
         chunk_kvs: Iterable[ChunkKV | None] | None = None,
         extra_slots: int = 0,
         gradual: int = 1,
+        cache: KVCache | None = None,
     ) -> Prefill:
-        """K/V of the whole prompt in a new request buffer, and the question's next-token
-        logits. `chunk_kvs` (blend and reuse) default to computing each chunk's."""
+        """K/V of the whole prompt in a new request buffer (or `cache`, from `new_cache`), and
+        the question's next-token logits. `chunk_kvs` (blend and reuse) default to computing
+        each chunk's."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.check_fits(prompt)
-        cache = self.new_cache(len(prompt) + extra_slots)
+        cache = cache or self.new_cache(len(prompt) + extra_slots)
         h = len(prompt.header)
         if mode == "full" or not prompt.chunks:
             ids = torch.tensor([prompt.ids()[h:]], device=self.model.device)
@@ -203,10 +222,42 @@ class Engine:
         self.check_fits(prompt)
         return prompt
 
+    def room(self, request: Request, prompt: Prompt) -> int:
+        """Slots for the answer: what it asks for, within the context limit."""
+        return max(0, min(request.params.max_new_tokens, self.max_context - len(prompt)))
+
+    def record_prefill(self, request: Request, prompt: Prompt, pre: Prefill) -> None:
+        request.timings_ms["kv_load"] = request.store.wait_ms if request.store else 0.0
+        request.prompt_tokens = len(prompt)
+        request.reused_tokens, request.recomputed_tokens = pre.reused, pre.recomputed
+        request.computed_tokens = pre.computed
+        # The header is always reused; a chunk the store missed was computed for this request.
+        reused = pre.reused - pre.recomputed - request.chunk_miss_tokens
+        request.cached_prompt_tokens = len(prompt.header) + max(0, reused)
+
+    def record_decode(
+        self, request: Request, r: DecodeResult, room: int, t_decode: float, drafted: bool
+    ) -> Request:
+        if drafted:  # only where Lookahead runs: elsewhere nothing reads it
+            self.answers.add(r.ids)
+        first = r.first_token_at or t_decode  # (none with no room for an answer)
+        request.timings_ms["ttft"] = 1000 * (first - request.started)
+        request.mark("decode", t_decode)
+        request.output_ids, request.text = r.ids, r.text.strip()
+        request.finish_reason = (
+            "context" if room < request.params.max_new_tokens and r.finish == "length" else r.finish
+        )
+        request.decode_steps, request.accepted_drafts = r.steps, r.accepted
+        request.done()
+        return request
+
     def generate(self, request: Request, prompt: Prompt) -> Request:
-        """Prefill, then decode; fills `request` with the answer and what it took."""
+        """Prefill, then decode; fills `request` with the answer and what it took. With a
+        scheduler, the request decodes in a batch with the others running."""
+        if self.scheduler is not None:
+            return self.scheduler.run(request, prompt)
         p = request.params
-        room = max(0, min(p.max_new_tokens, self.max_context - len(prompt)))
+        room = self.room(request, prompt)
         t0 = time.perf_counter()
         blended = request.mode != "full" and prompt.chunks
         kvs = self.chunk_kvs(prompt, request) if blended else None
@@ -223,13 +274,7 @@ class Engine:
             self.answers,
         )
         t_decode = request.mark("prefill", t0)
-        request.timings_ms["kv_load"] = request.store.wait_ms if request.store else 0.0
-        request.prompt_tokens = len(prompt)
-        request.reused_tokens, request.recomputed_tokens = pre.reused, pre.recomputed
-        request.computed_tokens = pre.computed
-        # The header is always reused; a chunk the store missed was computed for this request.
-        reused = pre.reused - pre.recomputed - request.chunk_miss_tokens
-        request.cached_prompt_tokens = len(prompt.header) + max(0, reused)
+        self.record_prefill(request, prompt, pre)
         r = decode(
             self.model,
             self.step,
@@ -246,15 +291,4 @@ class Engine:
             drafter=drafter,
         )
         self.release(pre.cache)
-        if drafter is not None:  # only where Lookahead runs: elsewhere nothing reads it
-            self.answers.add(r.ids)
-        first = r.first_token_at or t_decode  # (none with no room for an answer)
-        request.timings_ms["ttft"] = 1000 * (first - request.started)
-        request.mark("decode", t_decode)
-        request.output_ids, request.text = r.ids, r.text.strip()
-        request.finish_reason = (
-            "context" if room < p.max_new_tokens and r.finish == "length" else r.finish
-        )
-        request.decode_steps, request.accepted_drafts = r.steps, r.accepted
-        request.done()
-        return request
+        return self.record_decode(request, r, room, t_decode, drafter is not None)

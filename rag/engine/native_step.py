@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from rag.engine.batch_row import BatchRow
 from rag.engine.lookahead import tree_tails
 from rag.model.kv_cache import KVCache
 from rag.model.layers import rope_cos_sin
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("native") / "decode_step.c"  # includes decode_step_typed.h
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 ENTRY = {torch.bfloat16: "kvrag_decode_step_bf16", torch.float32: "kvrag_decode_step_f32"}
+BATCH_ENTRY = {torch.bfloat16: "kvrag_decode_batch_bf16", torch.float32: "kvrag_decode_batch_f32"}
 
 
 class _Model(ctypes.Structure):
@@ -107,6 +109,9 @@ def library() -> ctypes.CDLL | None:
     for fn in (dll.kvrag_decode_step_bf16, dll.kvrag_decode_step_f32):
         fn.restype = ctypes.c_int
         fn.argtypes = [p, p, p, i, p, p, p, p, i64, i64, i, i, p, p, i, p, i, p, i, i]
+    for fn in (dll.kvrag_decode_batch_bf16, dll.kvrag_decode_batch_f32):
+        fn.restype = ctypes.c_int
+        fn.argtypes = [p, p, p, p, i, p, p, p, p, p, p, p, i, i, p, i]
     return dll
 
 
@@ -140,6 +145,7 @@ class NativeDecodeStep:
         a = model.args
         self.model, self.args = model, a
         self.run = getattr(lib, ENTRY[model.dtype])
+        self.run_batch = getattr(lib, BATCH_ENTRY[model.dtype])
         self._keep = []  # tensors whose memory the C side points into
 
         def ptr(t: torch.Tensor | None) -> int:
@@ -270,3 +276,77 @@ class NativeDecodeStep:
             raise RuntimeError(f"native decode step failed ({rc})")
         cache.length = max(cache.length, end)
         return logits
+
+    @torch.inference_mode()
+    def batch(self, rows: list[BatchRow]) -> torch.Tensor:
+        """One token for each of several requests in one pass over the weights: row i's token
+        into slot `pos` of its own buffer, attending to its prompt [0, base) and its tail
+        base..pos. Returns float32 logits [len(rows), V], each bitwise what that request's
+        plain step gives alone."""
+        a = self.args
+        t = len(rows)
+        for r in rows:
+            r.cache.ensure(r.pos + 1)
+            self._check(r.cache)
+        ids = torch.tensor([r.token for r in rows], dtype=torch.int64)
+        pos = torch.tensor([r.pos for r in rows], dtype=torch.int64)
+        base = torch.tensor([r.base for r in rows], dtype=torch.int32)
+        self._rope_table(int(pos.max()) + 1)
+        kp = torch.tensor([r.cache.k.data_ptr() for r in rows], dtype=torch.int64)
+        vp = torch.tensor([r.cache.v.data_ptr() for r in rows], dtype=torch.int64)
+        ls = torch.tensor([r.cache.k.stride(0) for r in rows], dtype=torch.int64)
+        hs = torch.tensor([r.cache.k.stride(2) for r in rows], dtype=torch.int64)
+        scores_width = (int(pos.max()) + 1 + 15) // 16 * 16
+        tail_width = int((pos - base).max()) + 1
+        qkv_dim = (a.n_heads + 2 * a.n_kv_heads) * a.head_dim
+        per_row = (
+            a.dim
+            + 3 * a.ffn_dim
+            + qkv_dim
+            + a.n_heads * a.head_dim
+            + a.n_heads * scores_width
+            + a.n_heads
+            + tail_width
+            + 1
+            + a.ffn_dim
+        )
+        scratch = torch.empty(t * per_row + 16, dtype=torch.float32)
+        logits = torch.empty(t, a.vocab_size, dtype=torch.float32)
+        rc = self.run_batch(
+            ctypes.byref(self._model),
+            ids.data_ptr(),
+            pos.data_ptr(),
+            base.data_ptr(),
+            t,
+            self._cos.data_ptr(),
+            self._sin.data_ptr(),
+            kp.data_ptr(),
+            vp.data_ptr(),
+            ls.data_ptr(),
+            hs.data_ptr(),
+            scratch.data_ptr(),
+            scores_width,
+            tail_width,
+            logits.data_ptr(),
+            torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise RuntimeError(f"native batched decode step failed ({rc})")
+        for r in rows:
+            r.cache.length = max(r.cache.length, r.pos + 1)
+        return logits
+
+    def _check(self, cache: KVCache) -> None:
+        a, k, v = self.args, cache.k, cache.v
+        if (
+            k.dtype != self.model.dtype
+            or v.dtype != k.dtype
+            or k.stride() != v.stride()
+            or k.stride(4) != 1
+            or k.stride(3) != a.head_dim
+            or k.shape[1] != 1
+        ):
+            raise ValueError(
+                "the native step needs batch-1 K/V buffers in the model's dtype with contiguous"
+                " slots"
+            )

@@ -56,6 +56,10 @@ class Context:
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         return self.attention(layer, q, self.cache.k[layer], self.cache.v[layer])
 
+    def finish(self, end: int) -> None:
+        """The forward wrote K/V up to slot `end`."""
+        self.cache.length = max(self.cache.length, end)
+
     def rows(self, keep: torch.Tensor | slice) -> Context:
         """The context of a subset of the tokens (in order): the blend's selection, or the rows
         whose output the last layer computes."""

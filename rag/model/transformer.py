@@ -9,7 +9,9 @@ transformers' own logits in tests/test_model.py.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +24,25 @@ from rag.model.kv_cache import KVCache
 from rag.model.layers import Block, RMSNorm, rope_cos_sin
 from rag.model.linear import Linear
 
+# A per-thread callback run before each layer of every forward on that thread: a scheduler
+# uses it to run a prefill in bounded pieces between decode steps (rag.engine.scheduler).
+_between_layers = threading.local()
+
 LOSS_ROWS = 128  # token_losses: rows whose logits are computed at once (they stay in cache)
 
 # Called before each layer with its index, the hidden states of the tokens computed so far and
 # their Context; returns the ones the layer computes (the blend drops unselected tokens here).
 LayerHook = Callable[[int, torch.Tensor, Context], tuple[torch.Tensor, Context]]
+
+
+@contextmanager
+def between_layers(fn: Callable[[], None]) -> Iterator[None]:
+    """Call fn before each layer of every forward this thread runs inside the block."""
+    _between_layers.fn = fn
+    try:
+        yield
+    finally:
+        _between_layers.fn = None
 
 
 class Transformer(nn.Module):
@@ -132,7 +148,10 @@ class Transformer(nn.Module):
         None); past the last layer's K/V only those rows are computed (none for slice(0, 0))."""
         x = self.embed(ids)
         end, last = ctx.end, len(self.layers) - 1
+        pace = getattr(_between_layers, "fn", None)
         for i, layer in enumerate(self.layers):
+            if pace is not None:
+                pace()
             if hook is not None:
                 x, ctx = hook(i, x, ctx)
             q, k, v = layer.qkv(x, ctx.cos, ctx.sin)
@@ -142,7 +161,7 @@ class Transformer(nn.Module):
                 if x.shape[1] == 0:
                     break
             x = layer.finish(x, ctx.attend(i, q))
-        ctx.cache.length = max(ctx.cache.length, end)
+        ctx.finish(end)
         return x
 
     @torch.inference_mode()

@@ -44,12 +44,17 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def create_app(
-    settings: Settings | None = None, rag: RAGService | None = None, *, max_queue: int = 32
+    settings: Settings | None = None, rag: RAGService | None = None, *, max_queue: int | None = None
 ) -> FastAPI:
     """The app over `rag` (built from settings when not given: loads the model)."""
     settings = settings or (rag.settings if rag is not None else Settings())
     rag = rag or RAGService(settings)
-    worker = GenerationWorker(max_queue)
+    max_queue = settings.max_queue if max_queue is None else max_queue
+    if settings.scheduler == "batch":
+        rag.start_batching(settings.max_batch)
+        worker = GenerationWorker(max_queue, running=settings.max_batch)
+    else:
+        worker = GenerationWorker(max_queue)
     metrics = Metrics(rag.cache_stats, lambda: worker.depth)
     model_id = rag.model_name
     chat = ChatRunner(rag, worker, metrics, model_id)
@@ -60,6 +65,8 @@ def create_app(
     async def lifespan(app: FastAPI):  # noqa: ANN202
         yield
         worker.shutdown()
+        if settings.scheduler == "batch":
+            rag.stop_batching()
         docs.shutdown()
         rag.persist_stats()  # what the last few seconds of answers added
 

@@ -1,8 +1,10 @@
-"""One generation worker: model work runs off the event loop, one job at a time, in arrival order.
+"""The generation worker: model work runs off the event loop.
 
-The RAG object (model, tokenizer, K/V buffers) is not thread-safe, so every call
-that touches it goes through a single thread. Its queue is FIFO; a bound on the
-number waiting turns overload into a quick 503 instead of an ever-growing wait.
+fifo (`running=1`): one job at a time, in arrival order, on a single thread. batch: up to
+`running` jobs at once, each on its own thread (retrieval and chunk K/V loads there), whose
+generation the engine's scheduler batches (rag.engine.scheduler). Either way a bound on the
+number waiting beyond those running turns overload into a quick 503 instead of an
+ever-growing wait.
 A job that is still queued when its client leaves is dropped before it starts;
 a running one is told to stop through its `Cancel` (checked at every token).
 """
@@ -50,12 +52,19 @@ _DONE = object()
 
 
 class GenerationWorker:
-    def __init__(self, max_queue: int = 32):
-        self.max_queue = max_queue
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="kvrag-gen")
+    def __init__(self, max_queue: int = 32, running: int | None = None):
+        # fifo counts the running job in the bound (as it always has); batch adds its rows.
+        self.max_queue = max_queue + (running or 0)
+        threads = 1 if running is None else running + max_queue
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="kvrag-gen")
         self._lock = threading.Lock()
         self._pending = 0  # queued + running
-        self.busy = False
+        self._running = 0
+
+    @property
+    def busy(self) -> bool:
+        """A job is running."""
+        return self._running > 0
 
     @property
     def depth(self) -> int:
@@ -80,10 +89,14 @@ class GenerationWorker:
             try:
                 if cancel:  # the client left while this waited
                     return None
-                self.busy = True
-                return fn()
+                with self._lock:
+                    self._running += 1
+                try:
+                    return fn()
+                finally:
+                    with self._lock:
+                        self._running -= 1
             finally:
-                self.busy = False
                 self._release()
 
         return run

@@ -415,6 +415,81 @@ int SFX(kvrag_decode_step)(const Model *m, const int64_t *ids, const int64_t *po
     return 0;
 }
 
+/* One token for each of t requests, the weights streamed once for all of them: row r goes to
+   slot pos[r] of its own K/V buffers kc[r], vc[r] (layer and head strides ls[r], hs[r]) and
+   reads its prompt [0, base[r]) and its tail base[r]..pos[r], as that request's plain step
+   would. Every row is computed exactly as kvrag_decode_step computes a one-row step (the same
+   linears, row by row, and the same per-KV-head attention job), so a request's logits are
+   bitwise the same alone and in any batch. scratch: see native_step.py; logits [t, vocab]. */
+int SFX(kvrag_decode_batch)(const Model *m, const int64_t *ids, const int64_t *pos, const int32_t *base, int t,
+                            const float *cos, const float *sin, W *const *kc, W *const *vc, const int64_t *ls,
+                            const int64_t *hs, float *scratch, int scores_width, int tail_width, float *logits,
+                            int threads) {
+    const int dim = m->dim, hd = m->head_dim, nh = m->n_heads, kh = m->n_kv, ffn = m->ffn;
+    const int group = nh / kh, qkv_dim = (nh + 2 * kh) * hd;
+    if (hd != HEAD_DIM || dim % 32 || ffn % 32 || group > MAX_GROUP) return -1;
+    const float scale = 1.0f / sqrtf((float)hd);
+    float *x = scratch, *h = x + (size_t)t * dim, *qkv = h + (size_t)t * ffn,
+          *att = qkv + (size_t)t * qkv_dim, *gate = att + (size_t)t * nh * hd, *up = gate + (size_t)t * ffn,
+          *scores = up + (size_t)t * ffn, *inv = scores + (size_t)t * nh * scores_width;
+    int32_t *tails = (int32_t *)(inv + (size_t)t * nh);
+    int32_t *n_tail = tails + (size_t)t * tail_width;
+    X *xb = (X *)(((uintptr_t)(n_tail + t) + 63) & ~(uintptr_t)63);
+    const W *embed = m->embed;
+
+    for (int r = 0; r < t; r++) {
+        n_tail[r] = (int32_t)(pos[r] - base[r] + 1);
+        if (n_tail[r] < 1 || n_tail[r] > tail_width) return -2;
+        for (int j = 0; j < n_tail[r]; j++) tails[(size_t)r * tail_width + j] = base[r] + j;
+        for (int i = 0; i < dim; i++) x[(size_t)r * dim + i] = W_TO_F32(embed[ids[r] * dim + i]);
+    }
+    for (int l = 0; l < m->n_layers; l++) {
+        const int64_t *w = m->layers + 8 * l;
+        SFX(rms_norm)(x, (const W *)w[0], t, dim, m->eps, h);
+        SFX(linear)((const W *)w[1], (const W *)w[2], h, xb, t, dim, qkv_dim, qkv, threads);
+        for (int r = 0; r < t; r++) {
+            float *row = qkv + (size_t)r * qkv_dim;
+            const float *c = cos + pos[r] * hd, *s = sin + pos[r] * hd;
+            for (int head = 0; head < nh + kh; head++) rope(row + head * hd, c, s, hd / 2);
+            for (int g = 0; g < kh; g++) {
+                W *kd = kc[r] + l * ls[r] + g * hs[r] + (size_t)pos[r] * hd;
+                W *vd = vc[r] + l * ls[r] + g * hs[r] + (size_t)pos[r] * hd;
+                for (int d = 0; d < hd; d++) {
+                    kd[d] = F32_TO_W(row[(nh + g) * hd + d]);
+                    vd[d] = F32_TO_W(row[(nh + kh + g) * hd + d]);
+                }
+            }
+        }
+#pragma omp parallel for num_threads(threads) schedule(dynamic)
+        for (int job = 0; job < t * kh; job++) { /* a plain step's job: one row, one KV head */
+            const int r = job / kh, g = job % kh, b = base[r], shared = b / 16;
+            const W *k = kc[r] + l * ls[r] + g * hs[r], *v = vc[r] + l * ls[r] + g * hs[r];
+            const float *q = qkv + (size_t)r * qkv_dim;
+            const int32_t *tr = tails + (size_t)r * tail_width;
+            float *sc = scores + (size_t)r * nh * scores_width;
+            SFX(prompt_scores)(q, qkv_dim, 1, nh, group, g, k, 0, shared, scale, sc, scores_width);
+            SFX(row_scores)(q, group, g, k, shared, b, tr, b + n_tail[r], scale, sc, scores_width);
+            SFX(softmax_pv)(0, 1, nh, group, g, v, b, tr, tail_width, n_tail + r, sc, inv + (size_t)r * nh,
+                            scores_width, att + (size_t)r * nh * hd);
+        }
+        SFX(linear)((const W *)w[3], 0, att, xb, t, nh * hd, dim, h, threads);
+        for (size_t i = 0; i < (size_t)t * dim; i++) x[i] += h[i];
+        SFX(rms_norm)(x, (const W *)w[4], t, dim, m->eps, h);
+        SFX(linear)((const W *)w[5], 0, h, xb, t, dim, ffn, gate, threads);
+        SFX(linear)((const W *)w[6], 0, h, xb, t, dim, ffn, up, threads);
+        for (size_t i = 0; i < (size_t)t * ffn; i += VW) {
+            vf gv = load_vf(gate + i);
+            vf a = gv / (1.0f + vexp_vf(-gv)) * load_vf(up + i);
+            memcpy(gate + i, &a, sizeof a);
+        }
+        SFX(linear)((const W *)w[7], 0, gate, xb, t, ffn, dim, h, threads);
+        for (size_t i = 0; i < (size_t)t * dim; i++) x[i] += h[i];
+    }
+    SFX(rms_norm)(x, m->norm, t, dim, m->eps, h);
+    SFX(linear)(m->lm_head, 0, h, xb, t, dim, m->vocab, logits, threads);
+    return 0;
+}
+
 #undef DOT_ROWS
 #undef PV_GROUP
 #undef PV_CASE
