@@ -33,7 +33,7 @@ class Embedder:
         # verbose=False: counting a long text is not feeding it to the model (no length warning).
         return len(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
-    def embed(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
+    def embed(self, texts: list[str], batch_size: int = 16, progress: bool = False) -> np.ndarray:
         """L2-normalized float32 vectors [n, dim] (inner product = cosine)."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
