@@ -34,7 +34,10 @@ class Embedder:
         return len(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     def embed(self, texts: list[str], batch_size: int = 16, progress: bool = False) -> np.ndarray:
-        """L2-normalized float32 vectors [n, dim] (inner product = cosine)."""
+        """L2-normalized float32 vectors [n, dim] (inner product = cosine).
+
+        Small batches: the attention scores grow with the batch, and an upload's ingestion runs
+        beside the server's answers (eval/RESULTS_faults.md)."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         vecs = self.model.encode(
