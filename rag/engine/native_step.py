@@ -213,19 +213,8 @@ class NativeDecodeStep:
         t = ids.shape[0]
         end = start + t
         cache.ensure(end)
+        self._check(cache)
         k, v = cache.k, cache.v
-        if (
-            k.dtype != self.model.dtype
-            or v.dtype != k.dtype
-            or k.stride() != v.stride()
-            or k.stride(4) != 1
-            or k.stride(3) != a.head_dim
-            or k.shape[1] != 1
-        ):
-            raise ValueError(
-                "the native step needs batch-1 K/V buffers in the model's dtype "
-                "with contiguous slots"
-            )
         pos = torch.arange(start, end) if positions is None else positions.to(torch.int64).cpu()
         self._rope_table(int(pos.max()) + 1)
         ids = ids.to(torch.int64).cpu().contiguous()
