@@ -224,19 +224,7 @@ class NativeDecodeStep:
         if mask is not None:
             tail, tail_len = (x.to(torch.int32).contiguous() for x in tree_tails(mask, base, start))
         scores_width = (end + 15) // 16 * 16
-        qkv_dim = (a.n_heads + 2 * a.n_kv_heads) * a.head_dim
-        per_row = (
-            a.dim
-            + 3 * a.ffn_dim
-            + qkv_dim
-            + a.n_heads * a.head_dim
-            + a.n_heads * scores_width
-            + a.n_heads
-            + width
-            + 1
-            + a.ffn_dim
-        )
-        scratch = torch.empty(t * per_row + 16, dtype=torch.float32)  # + 16: room to align
+        scratch = self._scratch(t, scores_width, width)
         n_out = t if all_logits else 1
         logits = torch.empty(n_out, a.vocab_size, dtype=torch.float32)
         rc = self.run(
@@ -287,19 +275,7 @@ class NativeDecodeStep:
         hs = torch.tensor([r.cache.k.stride(2) for r in rows], dtype=torch.int64)
         scores_width = (int(pos.max()) + 1 + 15) // 16 * 16
         tail_width = int((pos - base).max()) + 1
-        qkv_dim = (a.n_heads + 2 * a.n_kv_heads) * a.head_dim
-        per_row = (
-            a.dim
-            + 3 * a.ffn_dim
-            + qkv_dim
-            + a.n_heads * a.head_dim
-            + a.n_heads * scores_width
-            + a.n_heads
-            + tail_width
-            + 1
-            + a.ffn_dim
-        )
-        scratch = torch.empty(t * per_row + 16, dtype=torch.float32)
+        scratch = self._scratch(t, scores_width, tail_width)
         logits = torch.empty(t, a.vocab_size, dtype=torch.float32)
         rc = self.run_batch(
             ctypes.byref(self._model),
@@ -324,6 +300,23 @@ class NativeDecodeStep:
         for r in rows:
             r.cache.length = max(r.cache.length, r.pos + 1)
         return logits
+
+    def _scratch(self, rows: int, scores_width: int, tail_width: int) -> torch.Tensor:
+        """The C step's working memory: each row's activations, attention scores and tail."""
+        a = self.args
+        qkv_dim = (a.n_heads + 2 * a.n_kv_heads) * a.head_dim
+        per_row = (
+            a.dim
+            + 3 * a.ffn_dim
+            + qkv_dim
+            + a.n_heads * a.head_dim
+            + a.n_heads * scores_width
+            + a.n_heads
+            + tail_width
+            + 1
+            + a.ffn_dim
+        )
+        return torch.empty(rows * per_row + 16, dtype=torch.float32)  # + 16: room to align
 
     def _check(self, cache: KVCache) -> None:
         a, k, v = self.args, cache.k, cache.v
