@@ -28,6 +28,7 @@ from rag.engine.decode import DecodeResult, decode, new_drafter
 from rag.engine.decode_step import DecodeStep
 from rag.engine.lookahead import AnswerMemory
 from rag.engine.prompt import LAYOUT_VERSION, Prompt, PromptBuilder
+from rag.engine.repair import blend_repair
 from rag.engine.request import MODES, PromptTooLong, Request
 from rag.model.kv_cache import KVCache
 from rag.model.loader import LoadedModel
@@ -275,6 +276,7 @@ class Engine:
         )
         t_decode = request.mark("prefill", t0)
         self.record_prefill(request, prompt, pre)
+        repair = blend_repair(self.model, pre.cache, prompt) if blended and request.repair else None
         r = decode(
             self.model,
             self.step,
@@ -289,6 +291,9 @@ class Engine:
             on_text=request.on_text,
             seed=p.seed,
             drafter=drafter,
+            repair=repair,
+            repair_tokens=request.repair,
         )
+        request.repaired_tokens = r.repaired
         self.release(pre.cache)
         return self.record_decode(request, r, room, t_decode, drafter is not None)
