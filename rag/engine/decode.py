@@ -2,9 +2,9 @@
 
 Both run on the engine's decode step over the request's preallocated KV buffer; nothing
 grows. After a blend, a repair job (rag.engine.repair) may recompute a slice of the stale K/V
-before each step until the cache is exact; Lookahead drafts only once it is. The loop stops on a stop token or string, at
-max_new_tokens, when the client goes away (`on_text` returns False), or when
-the buffer is full ("context").
+before each step until the cache is exact; Lookahead drafts only once it is. The loop stops
+on a stop token or string, at max_new_tokens, when the client goes away (`on_text` returns
+False), or when the buffer is full ("context").
 """
 
 from __future__ import annotations
