@@ -6,11 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from eval.qa import Run, probe_logits
 from rag.config import SYSTEM_PROMPT
 from rag.engine.decode import decode
 from rag.engine.engine import Engine
 from rag.engine.lookahead import Lookahead
 from rag.engine.repair import RepairJob, blend_repair
+from rag.engine.request import GenerationParams, Request
 from tests.test_blend import QUESTION, TEXT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -139,3 +141,15 @@ def test_job_waits_for_tokens_it_does_not_know(engine, prompt):
     job.append(5)
     assert not job.done
     engine.release(pre.cache)
+
+
+def test_eval_probe_follows_the_served_repair_schedule(engine, prompt):
+    """`kvrag eval qa`'s teacher-forced probe, forced along the blend's own answer, predicts
+    that answer: its repair schedule is the one decoding serves (Lookahead included)."""
+    n, per_step = 16, 16
+    request = Request(mode="blend", ratio=0.15, repair=per_step)
+    request.params = GenerationParams(max_new_tokens=n)
+    engine.generate(request, prompt)
+    assert len(request.output_ids) == n and request.repaired_tokens > 0
+    logits = probe_logits(engine, prompt, Run("blend", 0.15, per_step), request.output_ids[:-1])
+    assert logits[len(prompt.footer) - 1 :].argmax(-1).tolist() == request.output_ids
