@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from rag.engine.buffers import BufferPool
 
 
@@ -14,3 +16,16 @@ def test_two_spares_of_different_sizes_are_lent_and_returned(lm32):
     got = pool.take(1000)
     assert got.k.data_ptr() == large.k.data_ptr() and got.max_len == 1000
     assert pool.take(100).k.data_ptr() == small.k.data_ptr()
+
+
+def test_buffers_taken_under_inference_mode_come_back(lm32):
+    """Requests take buffers inside inference mode, where a view has no `_base`: each one
+    given back must free its bytes, or a budgeted pool runs dry after a few requests."""
+    budget = 3 * 256 * BufferPool(lm32.model, 4096).slot_bytes
+    pool = BufferPool(lm32.model, 4096, budget_bytes=budget)
+    with torch.inference_mode():
+        for n in (200, 250, 100, 200) * 3:
+            a, b = pool.take(n), pool.take(n)
+            pool.give_back(a)
+            pool.give_back(b)
+    assert pool._held == 0 and pool.used_bytes <= budget

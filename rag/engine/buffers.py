@@ -39,6 +39,9 @@ class BufferPool:
         a = model.args
         self.slot_bytes = 2 * a.n_layers * a.n_kv_heads * a.head_dim * model.dtype.itemsize
         self._spare: list[KVCache] = []
+        # The whole buffer behind each lent view, by its data pointer: a view made under
+        # inference mode has no `_base` to find it by.
+        self._lent: dict[int, KVCache] = {}
         self._held = 0  # bytes of the buffers requests hold
         self.peak_bytes = 0  # the most held and kept at once
         self._cond = threading.Condition()
@@ -84,16 +87,15 @@ class BufferPool:
             self.peak_bytes = max(self.peak_bytes, self.used_bytes)
         if buf is None:
             buf = self.model.new_cache(rounded)
+        with self._cond:
+            self._lent[buf.k.data_ptr()] = buf
         return KVCache(buf.k[:, :, :, :n_slots], buf.v[:, :, :, :n_slots])
 
     def give_back(self, cache: KVCache) -> None:
         """Hand a buffer from `take` back for reuse; `cache` must not be used afterwards."""
-        k, v = cache.k._base, cache.v._base  # the whole buffer the request had a view of
-        if k is None or v is None:
-            return
         with self._cond:
-            if all(b.k.data_ptr() != k.data_ptr() for b in self._spare):
-                buf = KVCache(k, v)
+            buf = self._lent.pop(cache.k.data_ptr(), None)  # the whole buffer it had a view of
+            if buf is not None:
                 self._held -= self._bytes(buf.max_len)
                 self._spare.append(buf)
                 self._spare = sorted(self._spare, key=lambda b: b.max_len)[-self.spare_max :]
