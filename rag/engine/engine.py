@@ -193,10 +193,12 @@ class Engine:
         extra_slots: int = 0,
         gradual: int = 1,
         cache: KVCache | None = None,
+        *,
+        logit_rows: int | None = None,
     ) -> Prefill:
         """K/V of the whole prompt in a new request buffer (or `cache`, from `new_cache`), and
-        the question's next-token logits. `chunk_kvs` (blend and reuse) default to computing
-        each chunk's."""
+        the question's next-token logits (of its last `logit_rows` positions; None: all).
+        `chunk_kvs` (blend and reuse) default to computing each chunk's."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.check_fits(prompt)
@@ -204,12 +206,19 @@ class Engine:
         h = len(prompt.header)
         if mode == "full" or not prompt.chunks:
             ids = torch.tensor([prompt.ids()[h:]], device=self.model.device)
-            logits = self.model(ids, cache, h, logits_for=slice(-len(prompt.footer), None))[0]
+            rows = len(prompt.footer) if logit_rows is None else min(logit_rows, len(prompt.footer))
+            logits = self.model(ids, cache, h, logits_for=slice(-rows, None))[0]
             n = len(prompt) - h
             return Prefill(cache, logits, reused=0, recomputed=n, computed=n)
         kvs = chunk_kvs if chunk_kvs is not None else [self.chunk_kv(c) for c in prompt.chunks]
         r = blend_prefill(
-            self.model, cache, prompt, kvs, 0.0 if mode == "reuse" else ratio, gradual=gradual
+            self.model,
+            cache,
+            prompt,
+            kvs,
+            0.0 if mode == "reuse" else ratio,
+            gradual=gradual,
+            logit_rows=logit_rows,
         )
         return Prefill(
             cache, r.logits, reused=r.reused, recomputed=r.recomputed, computed=r.computed
@@ -262,8 +271,15 @@ class Engine:
         t0 = time.perf_counter()
         blended = request.mode != "full" and prompt.chunks
         kvs = self.chunk_kvs(prompt, request) if blended else None
+        # Only the last position's logits: the first token is all that is served from them.
         pre = self.prefill(
-            prompt, request.mode, request.ratio, kvs, extra_slots=room, gradual=request.gradual
+            prompt,
+            request.mode,
+            request.ratio,
+            kvs,
+            extra_slots=room,
+            gradual=request.gradual,
+            logit_rows=1,
         )
         # The drafter's trie is built before the first token: prefill time.
         drafter = new_drafter(
