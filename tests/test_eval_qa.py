@@ -138,7 +138,7 @@ def test_tiny_end_to_end_run_writes_every_field_and_the_plots(
     fidelity = {"ratio", "em", "f1", "ttft_ms_p50", "ttft_ms_p95", "fidelity_f1", "identical"}
     fidelity |= {"kl_mean", "top1"}
     assert [b["ratio"] for b in r["modes"]["blend"]] == [0.0, 0.15]
-    assert [b["repair"] for b in r["modes"]["blend"]] == [r["config"]["repair"]] * 2 == [32] * 2
+    assert [b["repair"] for b in r["modes"]["blend"]] == [r["config"]["repair"]] * 2 == [8192] * 2
     for entry in [*r["modes"]["blend"], r["modes"]["reuse"]]:
         assert fidelity <= set(entry)
         assert all(entry[key] is not None for key in fidelity)
