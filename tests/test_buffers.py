@@ -29,3 +29,5 @@ def test_buffers_taken_under_inference_mode_come_back(lm32):
             pool.give_back(a)
             pool.give_back(b)
     assert pool._held == 0 and pool.used_bytes <= budget
+    reused = pool.take(200)  # ... and the next taker may write it outside inference mode
+    reused.k[0, 0, 0, 0] = 1.0

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import threading
 
+import torch
+
 from rag.model.kv_cache import KVCache
 from rag.model.transformer import Transformer
 
@@ -86,7 +88,10 @@ class BufferPool:
             self._held += self._bytes(buf.max_len if buf is not None else rounded)
             self.peak_bytes = max(self.peak_bytes, self.used_bytes)
         if buf is None:
-            buf = self.model.new_cache(rounded)
+            # Never an inference tensor, whoever asks: a buffer is written again by the next
+            # request, which may run outside inference mode (the scheduler's threads).
+            with torch.inference_mode(False):
+                buf = self.model.new_cache(rounded)
         with self._cond:
             self._lent[buf.k.data_ptr()] = buf
         return KVCache(buf.k[:, :, :, :n_slots], buf.v[:, :, :, :n_slots])
