@@ -12,6 +12,7 @@ to be given back (`take(wait=True)`, the scheduler's admission) or is refused.
 from __future__ import annotations
 
 import threading
+import weakref
 
 import torch
 
@@ -41,8 +42,8 @@ class BufferPool:
         a = model.args
         self.slot_bytes = 2 * a.n_layers * a.n_kv_heads * a.head_dim * model.dtype.itemsize
         self._spare: list[KVCache] = []
-        # The whole buffer behind each lent view, by its data pointer: a view made under
-        # inference mode has no `_base` to find it by.
+        # Lent buffers by the address the request's view starts at: a view made under
+        # inference_mode has no `_base` to find its buffer by.
         self._lent: dict[int, KVCache] = {}
         self._held = 0  # bytes of the buffers requests hold
         self.peak_bytes = 0  # the most held and kept at once
@@ -88,18 +89,26 @@ class BufferPool:
             self._held += self._bytes(buf.max_len if buf is not None else rounded)
             self.peak_bytes = max(self.peak_bytes, self.used_bytes)
         if buf is None:
-            # Never an inference tensor, whoever asks: a buffer is written again by the next
-            # request, which may run outside inference mode (the scheduler's threads).
-            with torch.inference_mode(False):
+            with torch.inference_mode(False):  # a buffer any later request may write into
                 buf = self.model.new_cache(rounded)
+        view = KVCache(buf.k[:, :, :, :n_slots], buf.v[:, :, :, :n_slots])
         with self._cond:
             self._lent[buf.k.data_ptr()] = buf
-        return KVCache(buf.k[:, :, :, :n_slots], buf.v[:, :, :, :n_slots])
+        # A request dropped without `give_back` frees its memory, not a slot of the budget.
+        weakref.finalize(view, self._forget, buf.k.data_ptr())
+        return view
+
+    def _forget(self, ptr: int) -> None:
+        with self._cond:
+            buf = self._lent.pop(ptr, None)
+            if buf is not None:
+                self._held -= self._bytes(buf.max_len)
+                self._cond.notify_all()
 
     def give_back(self, cache: KVCache) -> None:
         """Hand a buffer from `take` back for reuse; `cache` must not be used afterwards."""
         with self._cond:
-            buf = self._lent.pop(cache.k.data_ptr(), None)  # the whole buffer it had a view of
+            buf = self._lent.pop(cache.k.data_ptr(), None)  # None: not lent, or given back
             if buf is not None:
                 self._held -= self._bytes(buf.max_len)
                 self._spare.append(buf)
