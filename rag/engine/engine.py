@@ -205,7 +205,8 @@ class Engine:
         if cache is None:
             cache = self.new_cache(len(prompt) + extra_slots)
             try:
-                return self.prefill(prompt, mode, ratio, chunk_kvs, extra_slots, gradual, cache)
+                args = (prompt, mode, ratio, chunk_kvs, extra_slots, gradual, cache)
+                return self.prefill(*args, logit_rows=logit_rows)
             except BaseException:
                 self.release(cache)
                 raise
