@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -51,25 +52,34 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-async def _one(
-    client: httpx.AsyncClient,
-    question: str,
-    mode: str,
-    k: int,
-    max_tokens: int,
-    ratio: float | None,
-) -> dict:
+@dataclass(frozen=True)
+class Shape:
+    """What every request of a run asks for, whatever its question."""
+
+    k: int = 4
+    max_tokens: int = 8
+    ratio: float | None = None
+    ignore_eos: bool = False  # every answer max_tokens long: a fixed decode share
+
+    def body(self, question: str, mode: str) -> dict:
+        opts = {"k": self.k, "mode": mode}
+        if self.ratio is not None:
+            opts["ratio"] = self.ratio
+        return {
+            "model": "kvrag",
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": self.max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},  # completion tokens in a last chunk
+            "ignore_eos": self.ignore_eos,
+            "kvrag": opts,
+        }
+
+
+async def _one(client: httpx.AsyncClient, question: str, mode: str, shape: Shape) -> dict:
     """One streamed chat completion; the client-side TTFT and the server's kvrag report."""
-    opts = {"k": k, "mode": mode, **({"ratio": ratio} if ratio is not None else {})}
-    body = {
-        "model": "kvrag",
-        "messages": [{"role": "user", "content": question}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},  # completion tokens in a last chunk
-        "kvrag": opts,
-    }
+    body = shape.body(question, mode)
     t0 = time.perf_counter()
     ttft, info, usage, last = None, None, None, None
     gaps: list[float] = []
@@ -106,16 +116,14 @@ async def _round(
     jobs: list[str],
     mode: str,
     concurrency: int,
-    k: int,
-    max_tokens: int,
-    ratio: float | None,
+    shape: Shape,
 ) -> tuple[float, list[dict]]:
     queue = list(jobs)
     results: list[dict] = []
 
     async def worker() -> None:
         while queue:
-            results.append(await _one(client, queue.pop(0), mode, k, max_tokens, ratio))
+            results.append(await _one(client, queue.pop(0), mode, shape))
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -160,9 +168,7 @@ async def _bench(
     urls: dict[str, str],
     concurrency: int,
     requests: int,
-    k: int,
-    max_tokens: int,
-    ratio: float | None,
+    shape: Shape,
     questions: list[str],
     api_key: str | None,
     warmup: bool,
@@ -180,7 +186,7 @@ async def _bench(
     try:
         if warmup:  # first calls pay one-time costs (allocations, lazy init, cold caches)
             for sched, mode in cases:
-                await _one(clients[sched], questions[0], mode, k, max_tokens, ratio)
+                await _one(clients[sched], questions[0], mode, shape)
         seconds = dict.fromkeys(cases, 0.0)
         results: dict[tuple[str, str], list[dict]] = {c: [] for c in cases}
         sent = rnd = 0
@@ -190,7 +196,7 @@ async def _bench(
             order = cases if rnd % 2 == 0 else cases[::-1]  # ABBA: none always goes first
             for sched, mode in order:
                 client = clients[sched]
-                dt, res = await _round(client, jobs, mode, concurrency, k, max_tokens, ratio)
+                dt, res = await _round(client, jobs, mode, concurrency, shape)
                 seconds[sched, mode] += dt
                 results[sched, mode] += res
             sent += n
@@ -225,7 +231,14 @@ def _sweep(urls: dict[str, str], concurrencies: list[int], requests: int, **kw) 
                 run["first_error"] = m["first_error"]
             runs.append(run)
             by_case[sched, mode, c] = m
-    out: dict = {"max_tokens": kw["max_tokens"], "k": kw["k"], "requests": requests, "runs": runs}
+    shape = kw["shape"]
+    out: dict = {
+        "max_tokens": shape.max_tokens,
+        "ignore_eos": shape.ignore_eos,
+        "k": shape.k,
+        "requests": requests,
+        "runs": runs,
+    }
     if len(urls) == 1 and len(concurrencies) == 1:  # the single-scheduler report, as before
         sched, c = next(iter(urls)), concurrencies[0]
         modes = {m: by_case[sched, m, c] for m in kw["modes"]}
@@ -312,6 +325,7 @@ def run_load_bench(
     k: int = 4,
     max_tokens: int = 8,
     ratio: float | None = None,
+    ignore_eos: bool = False,
     questions: list[str] | None = None,
     api_key: str | None = None,
     warmup: bool = True,
@@ -327,9 +341,7 @@ def run_load_bench(
     questions = questions or list(SAMPLE_QUESTIONS)  # any question works: the context size counts
     levels = [concurrency] if isinstance(concurrency, int) else list(concurrency)
     kw = dict(
-        k=k,
-        max_tokens=max_tokens,
-        ratio=ratio,
+        shape=Shape(k, max_tokens, ratio, ignore_eos),
         questions=questions,
         api_key=api_key,
         warmup=warmup,
@@ -385,7 +397,8 @@ def plot(result: dict, path: Path) -> None:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"kvrag bench load: k={result['k']}, max_tokens {result['max_tokens']}")
+    fixed = ", every answer that long (ignore_eos)" if result.get("ignore_eos") else ""
+    fig.suptitle(f"kvrag bench load: k={result['k']}, max_tokens {result['max_tokens']}{fixed}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -430,6 +443,11 @@ def add_bench_load_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--ratio", type=float, default=None, help="blend recompute ratio (default: the server's)"
     )
     p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="every answer exactly --max-tokens long, past the end token (vLLM's ignore_eos)",
+    )
+    p.add_argument(
         "--docs",
         type=Path,
         nargs="+",
@@ -467,6 +485,7 @@ def cmd_bench_load(args: argparse.Namespace, settings: Settings | None = None) -
         k=args.k,
         max_tokens=args.max_tokens,
         ratio=args.ratio,
+        ignore_eos=args.ignore_eos,
         api_key=args.api_key,
         warmup=not args.no_warmup,
     )

@@ -212,3 +212,24 @@ def test_the_pool_lends_spares_of_any_size_and_keeps_to_its_budget(lm32):
         pool.take(4096)
     held = pool.take(2000)  # fits once the small spare is dropped
     assert pool.used_bytes <= pool.budget and held.max_len == 2000
+
+
+def test_ignore_eos_runs_every_answer_to_max_tokens_alone_and_in_a_batch(lm32, paragraphs):
+    """A benchmark's fixed-length answers: past the end token to max_tokens, the same tokens
+    as the natural answer up to there, and the same alone and batched."""
+    alone = Engine(lm32, SYSTEM_PROMPT)
+    jobs = [(p, m, {"max_new_tokens": 48}) for p, m, _ in _requests(alone, paragraphs)[:4]]
+    ref = _alone(alone, jobs)
+    assert any(r.finish_reason == "stop" for r in ref)  # some end on the end token before 48
+    forced = [(p, m, dict(params, ignore_eos=True)) for p, m, params in jobs]
+    got_alone = _alone(alone, forced)
+    batched = Engine(lm32, SYSTEM_PROMPT, max_batch=8)
+    scheduler = batched.start_scheduler(8)
+    try:
+        got = _together(batched, forced, _all_prefilled(len(forced)))
+    finally:
+        scheduler.close()
+    for r, a, g in zip(ref, got_alone, got, strict=True):
+        assert len(a.output_ids) == 48 and a.finish_reason == "length"
+        assert a.output_ids[: len(r.output_ids)] == r.output_ids
+        assert g.output_ids == a.output_ids

@@ -12,6 +12,9 @@ to be given back (`take(wait=True)`, the scheduler's admission) or is refused.
 from __future__ import annotations
 
 import threading
+import weakref
+
+import torch
 
 from rag.model.kv_cache import KVCache
 from rag.model.transformer import Transformer
@@ -39,6 +42,9 @@ class BufferPool:
         a = model.args
         self.slot_bytes = 2 * a.n_layers * a.n_kv_heads * a.head_dim * model.dtype.itemsize
         self._spare: list[KVCache] = []
+        # Lent buffers by the address the request's view starts at: a view made under
+        # inference_mode has no `_base` to find its buffer by.
+        self._lent: dict[int, KVCache] = {}
         self._held = 0  # bytes of the buffers requests hold
         self.peak_bytes = 0  # the most held and kept at once
         self._cond = threading.Condition()
@@ -83,17 +89,27 @@ class BufferPool:
             self._held += self._bytes(buf.max_len if buf is not None else rounded)
             self.peak_bytes = max(self.peak_bytes, self.used_bytes)
         if buf is None:
-            buf = self.model.new_cache(rounded)
-        return KVCache(buf.k[:, :, :, :n_slots], buf.v[:, :, :, :n_slots])
+            with torch.inference_mode(False):  # a buffer any later request may write into
+                buf = self.model.new_cache(rounded)
+        view = KVCache(buf.k[:, :, :, :n_slots], buf.v[:, :, :, :n_slots])
+        with self._cond:
+            self._lent[buf.k.data_ptr()] = buf
+        # A request dropped without `give_back` frees its memory, not a slot of the budget.
+        weakref.finalize(view, self._forget, buf.k.data_ptr())
+        return view
+
+    def _forget(self, ptr: int) -> None:
+        with self._cond:
+            buf = self._lent.pop(ptr, None)
+            if buf is not None:
+                self._held -= self._bytes(buf.max_len)
+                self._cond.notify_all()
 
     def give_back(self, cache: KVCache) -> None:
         """Hand a buffer from `take` back for reuse; `cache` must not be used afterwards."""
-        k, v = cache.k._base, cache.v._base  # the whole buffer the request had a view of
-        if k is None or v is None:
-            return
         with self._cond:
-            if all(b.k.data_ptr() != k.data_ptr() for b in self._spare):
-                buf = KVCache(k, v)
+            buf = self._lent.pop(cache.k.data_ptr(), None)  # None: not lent, or given back
+            if buf is not None:
                 self._held -= self._bytes(buf.max_len)
                 self._spare.append(buf)
                 self._spare = sorted(self._spare, key=lambda b: b.max_len)[-self.spare_max :]

@@ -43,8 +43,10 @@ class Output:
         max_new_tokens: int,
         stop: list[str] | None,
         on_text: Callable[[str], bool | None] | None,
+        ignore_eos: bool = False,
     ):
         self.tok = tokenizer
+        self.stop_ids = frozenset() if ignore_eos else tokenizer.stop_ids
         self.max_new = max_new_tokens
         self.stream = StopStream(stop)
         self.on_text = on_text
@@ -55,7 +57,7 @@ class Output:
 
     def push(self, token: int) -> bool:
         """Add a token; False when generation must end (finish says why)."""
-        if token in self.tok.stop_ids:
+        if token in self.stop_ids:
             self.finish = "stop"
             return False
         self.ids.append(token)
@@ -96,10 +98,11 @@ def decode(
     on_text: Callable[[str], bool | None] | None = None,
     seed: int | None = None,
     drafter: Lookahead | None = None,
+    ignore_eos: bool = False,
 ) -> DecodeResult:
     """Generate from next-token `logits` [V] with slots [0, start) of `cache` filled."""
     gen = torch.Generator(model.device).manual_seed(seed) if seed is not None else None
-    out = Output(tokenizer, max_new_tokens, stop, on_text)
+    out = Output(tokenizer, max_new_tokens, stop, on_text, ignore_eos)
     res = DecodeResult([], "", "length", 0.0)
     if max_new_tokens <= 0:
         return res

@@ -199,7 +199,13 @@ class Engine:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.check_fits(prompt)
-        cache = cache or self.new_cache(len(prompt) + extra_slots)
+        if cache is None:
+            cache = self.new_cache(len(prompt) + extra_slots)
+            try:
+                return self.prefill(prompt, mode, ratio, chunk_kvs, extra_slots, gradual, cache)
+            except BaseException:
+                self.release(cache)
+                raise
         h = len(prompt.header)
         if mode == "full" or not prompt.chunks:
             ids = torch.tensor([prompt.ids()[h:]], device=self.model.device)
@@ -275,20 +281,23 @@ class Engine:
         )
         t_decode = request.mark("prefill", t0)
         self.record_prefill(request, prompt, pre)
-        r = decode(
-            self.model,
-            self.step,
-            self.tokenizer,
-            pre.cache,
-            pre.logits[-1],
-            len(prompt),
-            room,
-            temperature=p.temperature,
-            top_p=p.top_p,
-            stop=p.stop,
-            on_text=request.on_text,
-            seed=p.seed,
-            drafter=drafter,
-        )
-        self.release(pre.cache)
+        try:
+            r = decode(
+                self.model,
+                self.step,
+                self.tokenizer,
+                pre.cache,
+                pre.logits[-1],
+                len(prompt),
+                room,
+                temperature=p.temperature,
+                top_p=p.top_p,
+                stop=p.stop,
+                on_text=request.on_text,
+                seed=p.seed,
+                drafter=drafter,
+                ignore_eos=p.ignore_eos,
+            )
+        finally:
+            self.release(pre.cache)
         return self.record_decode(request, r, room, t_decode, drafter is not None)

@@ -27,6 +27,7 @@ class GenerationParams:
     top_p: float = 1.0
     stop: list[str] | None = None
     seed: int | None = None
+    ignore_eos: bool = False  # run to max_new_tokens past the end token (benchmarks)
     lookahead: bool | None = None  # None: on where it is lossless (rag.engine.decode.new_drafter)
 
 

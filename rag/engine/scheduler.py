@@ -4,7 +4,8 @@ A request moves waiting -> prefilling -> decoding -> done. The engine's step loo
 repeats nano-vllm's step: schedule (admit prefilled requests, at most `max_batch` running),
 run (one decode step for every running request: one pass over the weights, each row over its
 own request's K/V), postprocess (sample, stop rules, finish and free). Between steps it lends
-the prefill turn to the oldest prefilling request for a bounded slice of time.
+the prefill turn to the oldest prefilling request for a slice of time: what the target gap
+between two tokens leaves after the step.
 
 A request's own thread (the caller of `run`) does everything that is not the batch's compute:
 retrieval before it, its chunk K/V loads, waiting for a buffer within the K/V budget. Its
@@ -34,7 +35,11 @@ from rag.engine.sampling import sample
 from rag.model.kv_cache import KVCache
 from rag.model.transformer import between_layers
 
-PREFILL_SLICE_MS = 100.0  # a prefill's compute between two decode steps (rounded up to a layer)
+# The gap a running stream should see between two tokens. A prefill's slice between two decode
+# steps is what the step leaves of it (rounded up to a layer), so the slice shrinks as the
+# batch, and its step, grows.
+TOKEN_GAP_MS = 120.0
+MIN_SLICE_MS = 20.0  # below this a prefill would crawl behind a large batch
 # Lookahead drafts only while the batch is this small: above it, the rows a draft tree adds
 # cost more than the tokens it saves (eval/RESULTS_load.md).
 DRAFT_MAX_BATCH = 1
@@ -63,12 +68,14 @@ class Scheduler:
         self,
         engine: Engine,
         max_batch: int = 8,
-        slice_ms: float = PREFILL_SLICE_MS,
+        token_gap_ms: float = TOKEN_GAP_MS,
         draft_max_batch: int = DRAFT_MAX_BATCH,
     ):
         self.engine = engine
         self.max_batch = max_batch
-        self.slice_s = slice_ms / 1000
+        self.token_gap_s = token_gap_ms / 1000
+        self.slice_s = self.token_gap_s  # set per turn from the last steps' time
+        self._step_s = 0.0  # a decode step's time, smoothed over the last steps
         self.draft_max_batch = draft_max_batch
         self.running: list[Sequence] = []
         self._ready: deque[Sequence] = deque()  # prefilled, waiting for a row in the batch
@@ -128,7 +135,7 @@ class Scheduler:
             pre.cache,
             len(prompt),
             room,
-            Output(eng.tokenizer, room, p.stop, request.on_text),
+            Output(eng.tokenizer, room, p.stop, request.on_text, p.ignore_eos),
             torch.Generator(eng.model.device).manual_seed(p.seed) if p.seed is not None else None,
             drafter,
             pos=len(prompt),
@@ -194,12 +201,14 @@ class Scheduler:
                 return
             self._holder = min(self._want)
             self._bounded = bool(self.running or self._ready)
+            self.slice_s = max(MIN_SLICE_MS / 1000, self.token_gap_s - self._step_s)
             self._lent_at = time.perf_counter()
             self._cond.notify_all()
             self._cond.wait_for(lambda: self._holder is None)
 
     def _step(self, batch: list[Sequence]) -> None:
         """run + postprocess: one decode step for every running request."""
+        t0 = time.perf_counter()
         try:
             self.steps += 1
             self.peak_batch = max(self.peak_batch, len(batch))
@@ -219,6 +228,9 @@ class Scheduler:
                 if not seq.finished.is_set():
                     seq.error = e
                     self._finish(seq)
+        finally:
+            dt = time.perf_counter() - t0
+            self._step_s = dt if self._step_s == 0 else 0.7 * self._step_s + 0.3 * dt
 
     def _single_step(self, seq: Sequence) -> None:
         """A request decoding alone: a plain step, or a Lookahead draft tree (rag.engine.decode)."""

@@ -87,6 +87,7 @@ class ChatRunner:
             top_p=req.top_p,
             stop=req.stop_list(),
             seed=req.seed,
+            ignore_eos=req.ignore_eos,
         )
 
         def run(on_text: Callable[[str], bool] | None, cancel: Cancel | None) -> Answer:

@@ -60,40 +60,54 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class ChatRequest(Strict):
+Stop = (
+    Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+    | Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)]
+    | None
+)
+
+
+class SamplingRequest(Strict):
+    """What chat and legacy completions share: the model, the sampling, the stream."""
+
     # OpenAI clients send many optional fields this server ignores (presence_penalty, user, ...).
     model_config = ConfigDict(allow_inf_nan=False, extra="ignore")
 
     model: str = Field("", max_length=256)
-    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: (
-        Annotated[str, Field(max_length=MAX_STOP_CHARS)]
-        | Annotated[
-            list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)
-        ]
-        | None
-    ) = None
+    stop: Stop = None
     n: int = Field(1, ge=1, le=128, description="only n=1 is supported (400 otherwise)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = Field(
+        False,
+        description="generate max_tokens even past the end token (vLLM's field, for benchmarks)",
+    )
+    kvrag: KvragOptions | None = None
+
+    @field_validator("temperature", "top_p", "n", "stream", "ignore_eos", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: object, info: ValidationInfo) -> object:
+        # OpenAI accepts null for these (clients send it for "unset").
+        return cls.model_fields[info.field_name].default if value is None else value
+
+    def stop_list(self) -> list[str] | None:
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        return [s for s in stops if s] or None
+
+
+class ChatRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     # Accepted only to refuse them clearly (rag/server/openai_shapes.py): kvrag answers text.
     tools: list[dict] | None = Field(None, max_length=128)
     functions: list[dict] | None = Field(None, max_length=128)
     tool_choice: str | dict | None = None
     response_format: dict | None = None
     logprobs: bool | None = None
-    kvrag: KvragOptions | None = None
-
-    @field_validator("temperature", "top_p", "n", "stream", mode="before")
-    @classmethod
-    def _null_is_default(cls, value: object, info: ValidationInfo) -> object:
-        # OpenAI accepts null for these (clients send it for "unset").
-        return cls.model_fields[info.field_name].default if value is None else value
 
     def question(self) -> str:
         """The last user message: the question asked."""
@@ -102,44 +116,18 @@ class ChatRequest(Strict):
     def conversation(self) -> Conversation:
         return Conversation.from_messages([(m.role, m.text()) for m in self.messages])
 
-    def stop_list(self) -> list[str] | None:
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        return [s for s in stops if s] or None
 
-
-class CompletionRequest(Strict):
+class CompletionRequest(SamplingRequest):
     """POST /v1/completions (legacy): the prompt is the question."""
 
-    model_config = ConfigDict(allow_inf_nan=False, extra="ignore")
-
-    model: str = Field("", max_length=256)
     prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)]
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: (
-        Annotated[str, Field(max_length=MAX_STOP_CHARS)]
-        | Annotated[
-            list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)
-        ]
-        | None
-    ) = None
-    n: int = Field(1, ge=1, le=128, description="only n=1 is supported (400 otherwise)")
     best_of: int | None = Field(None, ge=1, le=128)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = Field(None, max_length=MAX_MESSAGE_CHARS)
-    kvrag: KvragOptions | None = None
 
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
-
-    def stop_list(self) -> list[str] | None:
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        return [s for s in stops if s] or None
 
 
 class RetrieveRequest(Strict):
