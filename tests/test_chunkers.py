@@ -197,6 +197,27 @@ def test_chunk_signals_are_computed_once_per_text_across_sizes(resources):
 
 
 @needs_corpora
+def test_sentence_distances_in_bf16_match_float32(resources, monkeypatch):
+    """The chunkers' sentence vectors run in bf16 where the CPU has it: the distances must stay
+    those of float32 to within what could reorder only near ties."""
+    import ingest.chunkers.semantic as semantic
+
+    text = corpus("state_of_the_union", 3000, 2500)
+    sentences = tuple(split_sentences(text))
+    found = {}
+    for bf16 in (False, True):
+        semantic.sentence_distances.cache_clear()
+        monkeypatch.setattr(semantic, "cpu_has_bf16", lambda bf16=bf16: bf16)
+        found[bf16] = semantic.sentence_distances(resources.embedder, text, sentences)
+    semantic.sentence_distances.cache_clear()
+    assert found[True].dtype == np.float32 and len(found[True]) == len(sentences) - 1
+    assert np.abs(found[True] - found[False]).max() < 0.02
+    assert np.corrcoef(found[True], found[False])[0, 1] > 0.99
+    # The embedder itself stays float32 for the index: only the chunker's call is autocast.
+    assert next(resources.embedder.model.parameters()).dtype == torch.float32
+
+
+@needs_corpora
 def test_merge_respects_target_and_hard_max(resources):
     text = corpus("wikitexts", 0, 6000)
     sentences = split_sentences(text)

@@ -11,10 +11,12 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
+import torch
 
 from ingest.chunkers.base import Span
 from ingest.chunkers.merge import TokenCounter, merge_meta_chunks
 from ingest.sentences import SentenceSplitter, split_sentences
+from rag.config import cpu_has_bf16
 from rag.index.embedder import MAX_WORDPIECES
 
 
@@ -56,7 +58,14 @@ class SemanticChunker:
     maxsize=16
 )  # a chunk-size sweep splits the same texts again: their sentences are embedded once
 def sentence_distances(embedder, text: str, sentences: tuple[Span, ...]) -> np.ndarray:
-    vecs = embedder.embed([text[s:e] for s, e in sentences], batch_size=64)  # normalized
+    """Cosine distance between consecutive sentences' MiniLM vectors (read-only).
+
+    In bf16 where the CPU computes it natively: about twice as fast, with distances that
+    correlate with float32's at 1.0000 and gave the same chunks (eval/RESULTS_retrieval.md).
+    The index's own vectors stay float32.
+    """
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_has_bf16()):
+        vecs = embedder.embed([text[s:e] for s, e in sentences], batch_size=64)  # normalized
     out = 1.0 - np.einsum("ij,ij->i", vecs[:-1], vecs[1:])
     out.setflags(write=False)
     return out
