@@ -87,6 +87,23 @@ def test_openai_client_completion(client):
     assert "memory" in info["cache"]["tiers"] and "recomputed_tokens" in info["cache"]
 
 
+def test_ignore_eos_answers_max_tokens(client):
+    """vLLM's ignore_eos (top level, as benchmark clients send it): past the end token."""
+    ask = dict(
+        model="any",
+        temperature=0,
+        messages=[
+            {"role": "user", "content": "Answer yes or no: is Greywater Point a lighthouse?"}
+        ],
+    )
+    short = client.chat.completions.create(max_tokens=64, extra_body={"kvrag": FAST}, **ask)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 64
+    full = client.chat.completions.create(
+        max_tokens=64, extra_body={"kvrag": FAST, "ignore_eos": True}, **ask
+    )
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 64
+
+
 def test_openai_client_stream(client):
     stream = client.chat.completions.create(
         model="any",
