@@ -16,7 +16,10 @@ an order that rotates per question, so machine load hits them alike.
 Fidelity is judged against the full-prefill answer of the same question: token F1 between the
 two greedy answers, whether they are identical, and the next-token distributions (KL(full ||
 mode), argmax agreement) over the question positions and the first answer tokens, each mode
-teacher-forced on full's answer after its own prefill.
+teacher-forced on full's answer after its own prefill. Blend runs repair their stale K/V while
+decoding (`--repair` slots before each step, rag.engine.repair); the teacher-forced answer
+tokens go through the same repair schedule, so they reflect what is served. Reuse is the
+unrepaired baseline.
 """
 
 from __future__ import annotations
@@ -60,20 +63,22 @@ class Run:
 
     mode: str
     ratio: float = 0.0
+    repair: int = 0  # stale slots recomputed before each decode step
 
     @property
     def label(self) -> str:
         return f"blend@{self.ratio:g}" if self.mode == "blend" else self.mode
 
 
-def plan_runs(modes: list[str], ratios: list[float]) -> list[Run]:
-    """full first (the reference), then blend at each ratio, then reuse."""
+def plan_runs(modes: list[str], ratios: list[float], repair: int = 0) -> list[Run]:
+    """full first (the reference), then blend at each ratio (repaired while decoding), then
+    reuse."""
     bad = sorted(set(modes) - {"full", "blend", "reuse"})
     if bad:
         raise ValueError(f"unknown modes {bad}; choose from full, blend, reuse")
     runs = [Run("full")]  # always: fidelity is measured against it
     if "blend" in modes:
-        runs += [Run("blend", r) for r in ratios]
+        runs += [Run("blend", r, repair) for r in ratios]
     if "reuse" in modes:
         runs.append(Run("reuse"))
     return runs
@@ -99,35 +104,53 @@ def _mean(xs: list[float]) -> float | None:
 
 
 @torch.inference_mode()
-def probe_logits(service, prompt, run: Run, follow: list[int]) -> torch.Tensor:
+def probe_logits(engine, prompt, run: Run, follow: list[int], gradual: int = 1) -> torch.Tensor:
     """Next-token logits [n_footer + len(follow), V] of `run`'s prefill of `prompt`, then
     teacher-forced on `follow` (the reference answer's first tokens): what the mode predicts at
-    each question position and for the answer tokens after them."""
+    each question position and for the answer tokens after them. With repair, one token a step
+    after each repair slice, as decoding serves them."""
+    from rag.engine.repair import blend_repair
     from rag.engine.request import Request
 
-    engine = service.engine
-    request = Request(mode=run.mode, ratio=run.ratio, gradual=service.settings.blend_gradual)
+    request = Request(mode=run.mode, ratio=run.ratio, gradual=gradual)
     kvs = engine.chunk_kvs(prompt, request) if run.mode != "full" else None
     pre = engine.prefill(
         prompt, run.mode, run.ratio, kvs, extra_slots=len(follow), gradual=request.gradual
     )
     parts = [pre.logits.float()]
-    if follow:
+    job = blend_repair(engine.model, pre.cache, prompt) if run.repair else None
+    if follow and job is None:
         ids = torch.tensor([follow], device=engine.model.device)
         parts.append(engine.model(ids, pre.cache, len(prompt), logits_for=slice(None))[0].float())
+    for i, token in enumerate(follow if job is not None else []):
+        if job is not None and job.step(run.repair):
+            job = None
+        ids = torch.tensor([[token]], device=engine.model.device)
+        parts.append(engine.model(ids, pre.cache, len(prompt) + i)[0].float())
+        if job is not None:
+            job.append(token)
     engine.release(pre.cache)
     return torch.cat(parts)
 
 
 def _ask(service, item: QAItem, run: Run, k: int, params) -> dict:
-    ans = service.answer(item.question, k=k, mode=run.mode, ratio=run.ratio, params=params)
+    ans = service.answer(
+        item.question, k=k, mode=run.mode, ratio=run.ratio, repair=run.repair, params=params
+    )
     r = ans.request
+    n = len(r.output_ids)
     return {
         "answer": ans.text,
         "ids": list(r.output_ids),
         "chunk_ids": [h.chunk.chunk_id for h in ans.hits],
         "ttft_ms": round(r.timings_ms["ttft"], 1),
+        "total_ms": round(r.timings_ms["total"], 1),
+        # Inter-token latency: the answer's decode time per token after the first.
+        "itl_ms": round((r.timings_ms["total"] - r.timings_ms["ttft"]) / (n - 1), 1)
+        if n > 1
+        else None,
         "recomputed_tokens": r.recomputed_tokens,
+        "repaired_tokens": r.repaired_tokens,
         "em": best_em(ans.text, item.answers),
         "f1": round(best_f1(ans.text, item.answers), 4),
     }
@@ -146,6 +169,7 @@ def run_qa_eval(
     max_tokens: int = 48,
     seed: int = 0,
     kl_tokens: int = KL_ANSWER_TOKENS,
+    repair: int | None = None,
     progress: bool = True,
 ) -> dict:
     from ingest.job import ingest
@@ -156,7 +180,8 @@ def run_qa_eval(
     ds = load_squad(dataset)
     items = ds.sample(limit, seed)
     ratio_list = [ratios] if isinstance(ratios, float | int) else list(ratios)
-    runs = plan_runs(modes or ["full", "blend", "reuse"], ratio_list)
+    repair = settings.blend_repair if repair is None else repair
+    runs = plan_runs(modes or ["full", "blend", "reuse"], ratio_list, repair)
     random.seed(seed)
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory(prefix="kvrag-eval-qa-") as tmp:
@@ -190,6 +215,7 @@ def run_qa_eval(
         "max_tokens": max_tokens,
         "seed": seed,
         "kl_answer_tokens": kl_tokens,
+        "repair": repair,
         "dtype": settings.torch_dtype,
         "threads": torch.get_num_threads(),
         "machine": cpu_name(),
@@ -215,14 +241,15 @@ def _question_row(
     full = got[runs[0]]
     prompt = service.engine.prompt([h.chunk.text for h in hits], item.question)
     follow = full["ids"][: max(0, kl_tokens - 1)]
-    ref_logits = probe_logits(service, prompt, runs[0], follow)
+    engine, gradual = service.engine, service.settings.blend_gradual
+    ref_logits = probe_logits(engine, prompt, runs[0], follow, gradual)
     answers = {}
     for run in runs:
         a = got[run]
-        row = {key: a[key] for key in ("answer", "ttft_ms", "em", "f1")}
+        row = {key: a[key] for key in ("answer", "ttft_ms", "total_ms", "itl_ms", "em", "f1")}
         row["same_chunks"] = a["chunk_ids"] == [h.chunk.chunk_id for h in hits]
         if run.mode != "full":
-            kl, top1 = kl_top1(ref_logits, probe_logits(service, prompt, run, follow))
+            kl, top1 = kl_top1(ref_logits, probe_logits(engine, prompt, run, follow, gradual))
             row.update(
                 fidelity_f1=round(token_f1(a["answer"], full["answer"]), 4),
                 identical=identical(a["answer"], full["answer"]),
@@ -230,6 +257,7 @@ def _question_row(
                 kl=round(kl, 5),
                 top1=round(top1, 4),
                 recomputed_tokens=a["recomputed_tokens"],
+                repaired_tokens=a["repaired_tokens"],
             )
         answers[run.label] = row
     return {
@@ -250,11 +278,16 @@ def _summarize(rows: list[dict], runs: list[Run], blend_list: bool) -> dict:
         per = [r["answers"][run.label] for r in rows]
         ttft = [a["ttft_ms"] for a in per]
         entry: dict = {} if run.mode == "full" else {"ratio": run.ratio}
+        if run.mode == "blend":
+            entry["repair"] = run.repair
+        itl = [a["itl_ms"] for a in per if a.get("itl_ms") is not None]
         entry.update(
             em=_mean([a["em"] for a in per]),
             f1=_mean([a["f1"] for a in per]),
             ttft_ms_p50=_percentile(ttft, 50),
             ttft_ms_p95=_percentile(ttft, 95),
+            total_ms_p50=_percentile([a["total_ms"] for a in per if "total_ms" in a], 50),
+            itl_ms_p50=_percentile(itl, 50),
         )
         if run.mode != "full":
             entry.update(
@@ -302,6 +335,12 @@ def add_eval_qa_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--ratios", type=_floats, default=None, help="several, e.g. 0,0.05,0.15,0.3")
     p.add_argument("--limit", type=int, default=None, help="questions (a seeded sample)")
     p.add_argument("--max-tokens", type=int, default=48, help="greedy answer length cap")
+    p.add_argument(
+        "--repair",
+        type=int,
+        default=None,
+        help="blend: stale slots recomputed before each decode step (default: the setting's)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, required=True, metavar="OUT.json")
     p.add_argument("--report", type=Path, default=None, metavar="DIR", help="report.md + PNGs")
@@ -317,6 +356,7 @@ def command_line(args: argparse.Namespace) -> str:
         else f"--ratio {DEFAULT_RATIO if args.ratio is None else args.ratio:g}"
     )
     limit = f" --limit {args.limit}" if args.limit else ""
+    limit += f" --repair {args.repair}" if args.repair is not None else ""
     return (
         f"kvrag eval qa --dataset {args.dataset} --chunker {args.chunker} --k {args.k} "
         f"--modes {args.modes} {ratios}{limit} --max-tokens {args.max_tokens} --json {args.json}"
@@ -344,6 +384,7 @@ def cmd_eval_qa(args: argparse.Namespace, settings: Settings | None = None) -> i
             limit=args.limit,
             max_tokens=args.max_tokens,
             seed=args.seed,
+            repair=args.repair,
             progress=not args.no_progress,
         )
     except DatasetError as e:

@@ -18,7 +18,8 @@ def mode_rows(result: dict) -> list[dict]:
     blends = modes.get("blend", [])
     entries = [("full", modes["full"])]
     entries += [
-        (f"blend {b['ratio']:g}", b) for b in (blends if isinstance(blends, list) else [blends])
+        (f"blend {b['ratio']:g}" + (f" + repair {b['repair']}" if b.get("repair") else ""), b)
+        for b in (blends if isinstance(blends, list) else [blends])
     ]
     if "reuse" in modes:
         entries.append(("reuse", modes["reuse"]))

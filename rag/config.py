@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     mode: Literal["full", "reuse", "blend"] = "blend"
     blend_ratio: float = Field(0.15, ge=0.0, le=1.0)
     blend_gradual: int = Field(1, ge=1, le=8)  # check layers the selection shrinks over (1 = one)
+    # Stale slots a blend recomputes before each decode step until its cache is exact
+    # (rag.engine.repair; 0 = never). The default, the whole context, repairs everything before
+    # the second token: eval/RESULTS_qa.md measures the trade-off.
+    blend_repair: int = Field(8192, ge=0)
     max_new_tokens: int = 128
     max_context_tokens: int = 8192
 

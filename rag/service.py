@@ -224,6 +224,7 @@ class RAGService:
         k: int | None = None,
         mode: str | None = None,
         ratio: float | None = None,
+        repair: int | None = None,
         params: GenerationParams | None = None,
         on_text: Callable[[str], bool | None] | None = None,
         conversation: Conversation | None = None,
@@ -237,6 +238,7 @@ class RAGService:
             mode=mode or s.mode,
             ratio=s.blend_ratio if ratio is None else ratio,
             gradual=s.blend_gradual,
+            repair=s.blend_repair if repair is None else repair,
             params=params or GenerationParams(max_new_tokens=s.max_new_tokens),
             on_text=on_text,
         )

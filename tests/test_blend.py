@@ -249,3 +249,15 @@ def test_recomputed_middle_tokens_never_see_later_ones(engine, case, monkeypatch
     blend.stitch(stitched, prompt, kvs, engine.model.inv_freq)
     assert not torch.equal(cache_a.v[-1, 0, :, middle], stitched.v[-1, 0, :, middle])
     assert not torch.equal(a.logits, b.logits)  # the question does see the last chunk
+
+
+@pytest.mark.parametrize("mode", ["full", "blend"])
+def test_last_position_logits_alone_are_the_same(engine, case, mode):
+    """Serving computes the logits of the last question position only: the same row."""
+    prompt, kvs, _ = case
+    every = engine.prefill(prompt, mode, 0.15, kvs)
+    last = engine.prefill(prompt, mode, 0.15, kvs, logit_rows=1)
+    assert every.logits.shape[0] == len(prompt.footer) and last.logits.shape[0] == 1
+    torch.testing.assert_close(last.logits, every.logits[-1:], rtol=1e-4, atol=1e-4)
+    engine.release(every.cache)
+    engine.release(last.cache)

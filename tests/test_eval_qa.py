@@ -138,6 +138,7 @@ def test_tiny_end_to_end_run_writes_every_field_and_the_plots(
     fidelity = {"ratio", "em", "f1", "ttft_ms_p50", "ttft_ms_p95", "fidelity_f1", "identical"}
     fidelity |= {"kl_mean", "top1"}
     assert [b["ratio"] for b in r["modes"]["blend"]] == [0.0, 0.15]
+    assert [b["repair"] for b in r["modes"]["blend"]] == [r["config"]["repair"]] * 2 == [8192] * 2
     for entry in [*r["modes"]["blend"], r["modes"]["reuse"]]:
         assert fidelity <= set(entry)
         assert all(entry[key] is not None for key in fidelity)
@@ -145,8 +146,11 @@ def test_tiny_end_to_end_run_writes_every_field_and_the_plots(
     for row in r["rows"]:
         assert set(row["answers"]) == {"full", "blend@0", "blend@0.15", "reuse"}
         assert all(a["same_chunks"] for a in row["answers"].values())
-        # blend at ratio 0 recomputes nothing: it is reuse, token for token
-        assert row["answers"]["blend@0"]["answer"] == row["answers"]["reuse"]["answer"]
+        # blend at ratio 0 recomputes nothing in the prefill: its first token is reuse's; then
+        # it repairs while decoding (reuse does not)
+        b0, reuse = row["answers"]["blend@0"], row["answers"]["reuse"]
+        assert (b0["first_diff"] == 0) == (reuse["first_diff"] == 0)
+        assert b0["repaired_tokens"] > 0 and reuse["repaired_tokens"] == 0
     for name in ("report.md", "ttft.png", "fidelity.png", "quality.png"):
         assert (report / name).stat().st_size > 1000
     assert "fidelity F1" in (report / "report.md").read_text()

@@ -39,7 +39,7 @@ CHECK_LAYER = 0
 
 @dataclass
 class BlendResult:
-    logits: torch.Tensor  # [n_footer, vocab] float32, for the question positions
+    logits: torch.Tensor  # [n_footer (or logit_rows), vocab] float32, the question positions
     recomputed: int  # reused (cached) tokens recomputed past the check layer
     computed: int  # tokens computed in the deepest layer (recomputed + always-computed)
     reused: int  # tokens whose K/V came from a chunk cache
@@ -58,12 +58,14 @@ def blend_prefill(
     ratio: float,
     check_layer: int = CHECK_LAYER,
     gradual: int = 1,
+    logit_rows: int | None = None,
 ) -> BlendResult:
     """Prefill everything after the (already cached) header by blending chunk caches.
 
     `cache` holds the header's K/V in slots [0, len(header)). `gradual` > 1 spreads the
     selection over that many check layers, each keeping fewer (CacheBlend's gradual filtering).
     `chunk_kvs` may be a stream; a None is a chunk without a cache, computed in every layer.
+    `logit_rows`: logits of the last that many question positions only (None: all of them).
     """
     h, n_total = len(prompt.header), len(prompt)
     cache.ensure(n_total)
@@ -108,7 +110,8 @@ def blend_prefill(
     selector = Selector(score, forced, checks, active)
     ids = torch.tensor([prompt.ids()[h:]], device=device)[:, active]
     ctx = model.context(cache, positions=active + h)
-    x = model.run(ids, ctx, hook=selector, outputs=slice(-len(prompt.footer), None))
+    rows = len(prompt.footer) if logit_rows is None else min(logit_rows, len(prompt.footer))
+    x = model.run(ids, ctx, hook=selector, outputs=slice(-rows, None))
     layer_ms = selector.layer_ms()
     active = selector.active
     return BlendResult(

@@ -1,9 +1,10 @@
 """The decode loop: one token per forward pass, or a Lookahead draft tree verified in one pass.
 
-Both run on the engine's decode step over the request's preallocated KV buffer; nothing is
-recomputed and nothing grows. The loop stops on a stop token or string, at
-max_new_tokens, when the client goes away (`on_text` returns False), or when
-the buffer is full ("context").
+Both run on the engine's decode step over the request's preallocated KV buffer; nothing
+grows. After a blend, a repair job (rag.engine.repair) may recompute a slice of the stale K/V
+before each step until the cache is exact; Lookahead drafts only once it is. The loop stops
+on a stop token or string, at max_new_tokens, when the client goes away (`on_text` returns
+False), or when the buffer is full ("context").
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from rag.engine.decode_step import DecodeStep
 from rag.engine.lookahead import AnswerMemory, Lookahead, compact
 from rag.engine.native_step import NativeDecodeStep
+from rag.engine.repair import RepairJob
 from rag.engine.sampling import sample
 from rag.engine.stream_text import StopStream
 from rag.model.kv_cache import KVCache
@@ -32,6 +34,7 @@ class DecodeResult:
     first_token_at: float  # time.perf_counter() when the first token was chosen
     steps: int = 0  # forward passes
     accepted: int = 0  # draft tokens accepted
+    repaired: int = 0  # stale slots recomputed while decoding
 
 
 class Output:
@@ -99,8 +102,14 @@ def decode(
     seed: int | None = None,
     drafter: Lookahead | None = None,
     ignore_eos: bool = False,
+    repair: RepairJob | None = None,
+    repair_tokens: int = 0,
 ) -> DecodeResult:
-    """Generate from next-token `logits` [V] with slots [0, start) of `cache` filled."""
+    """Generate from next-token `logits` [V] with slots [0, start) of `cache` filled.
+
+    With `repair`, `repair_tokens` stale slots are recomputed before each step until the job
+    is done; meanwhile every step is a plain one, so the schedule (and a greedy answer) does not
+    depend on what Lookahead would have accepted."""
     gen = torch.Generator(model.device).manual_seed(seed) if seed is not None else None
     out = Output(tokenizer, max_new_tokens, stop, on_text, ignore_eos)
     res = DecodeResult([], "", "length", 0.0)
@@ -122,12 +131,17 @@ def decode(
         if pos >= cache.max_len:
             out.finish = "context"
             break
+        if repair is not None and repair.step(repair_tokens):
+            res.repaired, repair = repair.repaired, None
         # Drafts past the tokens still wanted would be wasted rows.
         room = min(cache.max_len - pos, max_new_tokens - len(out.ids))
-        tree = drafter.draft(tok, room) if drafter is not None else None
+        drafting = drafter is not None and repair is None
+        tree = drafter.draft(tok, room) if drafting else None
         res.steps += 1
         if tree is None or len(tree) == 1:
             ids[0] = tok
+            if repair is not None:
+                repair.append(tok)
             tok = sample(step(ids, cache, pos, base=start)[0], temperature, top_p, gen)
             pos += 1
             continue
@@ -153,6 +167,8 @@ def decode(
         res.accepted += len(path) - 1
         tok, pending = new[0], new[1:]
     cache.length = min(cache.length, pos)
+    if repair is not None:  # stopped before the cache was exact
+        res.repaired = repair.repaired
     out.close()
     res.ids, res.text, res.finish = out.ids, out.final_text(), out.finish
     return res

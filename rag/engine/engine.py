@@ -28,6 +28,7 @@ from rag.engine.decode import DecodeResult, decode, new_drafter
 from rag.engine.decode_step import DecodeStep
 from rag.engine.lookahead import AnswerMemory
 from rag.engine.prompt import LAYOUT_VERSION, Prompt, PromptBuilder
+from rag.engine.repair import blend_repair
 from rag.engine.request import MODES, PromptTooLong, Request
 from rag.model.kv_cache import KVCache
 from rag.model.loader import LoadedModel
@@ -192,29 +193,39 @@ class Engine:
         extra_slots: int = 0,
         gradual: int = 1,
         cache: KVCache | None = None,
+        *,
+        logit_rows: int | None = None,
     ) -> Prefill:
         """K/V of the whole prompt in a new request buffer (or `cache`, from `new_cache`), and
-        the question's next-token logits. `chunk_kvs` (blend and reuse) default to computing
-        each chunk's."""
+        the question's next-token logits (of its last `logit_rows` positions; None: all).
+        `chunk_kvs` (blend and reuse) default to computing each chunk's."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.check_fits(prompt)
         if cache is None:
             cache = self.new_cache(len(prompt) + extra_slots)
             try:
-                return self.prefill(prompt, mode, ratio, chunk_kvs, extra_slots, gradual, cache)
+                args = (prompt, mode, ratio, chunk_kvs, extra_slots, gradual, cache)
+                return self.prefill(*args, logit_rows=logit_rows)
             except BaseException:
                 self.release(cache)
                 raise
         h = len(prompt.header)
         if mode == "full" or not prompt.chunks:
             ids = torch.tensor([prompt.ids()[h:]], device=self.model.device)
-            logits = self.model(ids, cache, h, logits_for=slice(-len(prompt.footer), None))[0]
+            rows = len(prompt.footer) if logit_rows is None else min(logit_rows, len(prompt.footer))
+            logits = self.model(ids, cache, h, logits_for=slice(-rows, None))[0]
             n = len(prompt) - h
             return Prefill(cache, logits, reused=0, recomputed=n, computed=n)
         kvs = chunk_kvs if chunk_kvs is not None else [self.chunk_kv(c) for c in prompt.chunks]
         r = blend_prefill(
-            self.model, cache, prompt, kvs, 0.0 if mode == "reuse" else ratio, gradual=gradual
+            self.model,
+            cache,
+            prompt,
+            kvs,
+            0.0 if mode == "reuse" else ratio,
+            gradual=gradual,
+            logit_rows=logit_rows,
         )
         return Prefill(
             cache, r.logits, reused=r.reused, recomputed=r.recomputed, computed=r.computed
@@ -267,8 +278,15 @@ class Engine:
         t0 = time.perf_counter()
         blended = request.mode != "full" and prompt.chunks
         kvs = self.chunk_kvs(prompt, request) if blended else None
+        # Only the last position's logits: the first token is all that is served from them.
         pre = self.prefill(
-            prompt, request.mode, request.ratio, kvs, extra_slots=room, gradual=request.gradual
+            prompt,
+            request.mode,
+            request.ratio,
+            kvs,
+            extra_slots=room,
+            gradual=request.gradual,
+            logit_rows=1,
         )
         # The drafter's trie is built before the first token: prefill time.
         drafter = new_drafter(
@@ -281,6 +299,7 @@ class Engine:
         )
         t_decode = request.mark("prefill", t0)
         self.record_prefill(request, prompt, pre)
+        repair = blend_repair(self.model, pre.cache, prompt) if blended and request.repair else None
         try:
             r = decode(
                 self.model,
@@ -297,7 +316,10 @@ class Engine:
                 seed=p.seed,
                 drafter=drafter,
                 ignore_eos=p.ignore_eos,
+                repair=repair,
+                repair_tokens=request.repair,
             )
         finally:
             self.release(pre.cache)
+        request.repaired_tokens = r.repaired
         return self.record_decode(request, r, room, t_decode, drafter is not None)

@@ -36,6 +36,7 @@ class Request:
     mode: str = "blend"
     ratio: float = 0.15  # blend: the share of reused tokens recomputed
     gradual: int = 1  # blend: check layers the selection shrinks over
+    repair: int = 0  # blend/reuse: stale slots recomputed before each decode step (0 = none)
     params: GenerationParams = field(default_factory=GenerationParams)
     on_text: Callable[[str], bool | None] | None = None  # text deltas; False stops generation
 
@@ -47,6 +48,7 @@ class Request:
     chunk_miss_tokens: int = 0  # their tokens
     reused_tokens: int = 0  # context tokens whose K/V were reused
     recomputed_tokens: int = 0  # of those, recomputed by the blend
+    repaired_tokens: int = 0  # stale slots recomputed while decoding (rag.engine.repair)
     computed_tokens: int = 0  # tokens computed in the last layer of the prefill
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens whose K/V were reused, not computed
@@ -87,6 +89,7 @@ class Request:
             "reused_tokens": self.reused_tokens,
             "recomputed_tokens": self.recomputed_tokens,
             "computed_tokens": self.computed_tokens,
+            "repaired_tokens": self.repaired_tokens,
             "decode_steps": self.decode_steps,
             "draft_accepted_tokens": self.accepted_drafts,
             "tiers": self.store.served() if self.store is not None else {},

@@ -91,7 +91,7 @@ class Metrics:
         )
         self.tokens = Counter(
             "kvrag_context_tokens",
-            "Context tokens by how their K/V was obtained",
+            "Context tokens by how their K/V was obtained (repaired: recomputed while decoding)",
             ["kind"],
             registry=r,
         )
@@ -108,6 +108,7 @@ class Metrics:
         if request.mode != "full":  # a full prefill recomputes everything: not the ratio's subject
             self.tokens.labels("reused").inc(request.reused_tokens)
             self.tokens.labels("recomputed").inc(request.recomputed_tokens)
+            self.tokens.labels("repaired").inc(request.repaired_tokens)
             self._split[0] += request.reused_tokens
             self._split[1] += request.recomputed_tokens
 
