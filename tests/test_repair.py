@@ -104,17 +104,16 @@ def test_repaired_cache_equals_full_prefill(engine, prompt):
     engine.release(pre.cache)
 
 
-@pytest.mark.parametrize(("drafts", "apart"), [(False, False), (True, False), (True, True)])
-def test_answer_after_the_repair_is_full_prefills(engine, prompt, drafts, apart):
+@pytest.mark.parametrize("drafts", [False, True])
+def test_answer_after_the_repair_is_full_prefills(engine, prompt, drafts):
     """Repairing 16 slots before each step: from the step where the repair reaches the slot
     being decoded, the greedy answer is full prefill's continuation of the answer so far, and
-    Lookahead (drafting once the repair is done) changes nothing. Repaired apart, the answer
-    until then is the unrepaired blend's."""
+    Lookahead (drafting once the repair is done) changes nothing."""
     n, per_step = 24, 16
     pre = _blend(engine, prompt, extra=n)
     ctx = prompt.ids()[len(prompt.header) :]
     drafter = Lookahead(ctx, budget=engine.step.draft_budget) if drafts else None
-    job = blend_repair(engine.model, pre.cache, prompt, apart=apart)
+    job = blend_repair(engine.model, pre.cache, prompt)
     r = _decode(engine, pre, prompt, n, repair=job, repair_tokens=per_step, drafter=drafter)
     assert len(r.ids) == n
     # Before the step feeding answer token j the frontier is s1 + (j + 1) * per_step: the
@@ -124,10 +123,6 @@ def test_answer_after_the_repair_is_full_prefills(engine, prompt, drafts, apart)
     assert 0 < j < n - 8
     assert r.repaired == start + j - s1
     assert r.ids[j + 1 :] == _greedy(engine, prompt, prompt.ids() + r.ids[: j + 1], n - j - 1)
-    if apart:
-        plain = _blend(engine, prompt, extra=n)
-        assert r.ids[: j + 1] == _decode(engine, plain, prompt, j + 1).ids
-        engine.release(plain.cache)
     fk, fv = _full_kv(engine, prompt, prompt.ids() + r.ids[:-1])
     k, v = pre.cache.view(0, start + n - 1)
     torch.testing.assert_close(k, fk, **TOL)

@@ -233,3 +233,37 @@ def test_ignore_eos_runs_every_answer_to_max_tokens_alone_and_in_a_batch(lm32, p
         assert len(a.output_ids) == 48 and a.finish_reason == "length"
         assert a.output_ids[: len(r.output_ids)] == r.output_ids
         assert g.output_ids == a.output_ids
+
+
+def test_repaired_answers_are_the_same_alone_and_through_the_scheduler(lm32, paragraphs):
+    """With the blend's stale K/V repaired before the second token (rag.engine.repair), four
+    requests at once through the scheduler (each repairing in turns between the others' steps)
+    answer as the one-request engine does, and repair as much."""
+    alone = Engine(lm32, SYSTEM_PROMPT)
+    jobs = [
+        (_prompt(alone, paragraphs, q, 400 + 60 * i), "blend", {"max_new_tokens": MAX_NEW})
+        for i, q in enumerate(QUESTIONS[:4])
+    ]
+    assert all(len(p.chunks) > 1 for p, _, _ in jobs)  # something stale to repair
+
+    def request(params):
+        return Request(mode="blend", repair=8192, params=GenerationParams(**params))
+
+    ref = [alone.generate(request(params), p) for p, _, params in jobs]
+    batched = Engine(lm32, SYSTEM_PROMPT, max_batch=8)
+    scheduler = batched.start_scheduler(8)
+    done: list[Request] = [request(params) for _, _, params in jobs]
+    threads = [
+        threading.Thread(target=batched.generate, args=(r, p))
+        for r, (p, _, _) in zip(done, jobs, strict=True)
+    ]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        scheduler.close()
+    for r, g in zip(ref, done, strict=True):
+        assert r.repaired_tokens > 0 and g.repaired_tokens == r.repaired_tokens
+        assert g.output_ids == r.output_ids

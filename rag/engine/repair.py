@@ -26,9 +26,7 @@ class RepairJob:
     """Recomputes `cache` slots [frontier, len(ids)) in slices, in position order.
 
     `ids` are the tokens of slots [0, len(ids)): the ones before `frontier` must already hold
-    exact K/V (the header and the first chunk, computed where they sit). `apart`: repair into
-    a copy and move the exact K/V into `cache` only once the job is done, so the steps before
-    read the blend's stale K/V as they were (not a mix of exact and stale slots).
+    exact K/V (the header and the first chunk, computed where they sit).
     """
 
     def __init__(
@@ -37,16 +35,11 @@ class RepairJob:
         cache: KVCache,
         ids: list[int],
         frontier: int,
-        apart: bool = False,
     ):
         self.model, self.cache = model, cache
         self.ids = list(ids)
-        self.start = self.frontier = frontier
+        self.frontier = frontier
         self.repaired = 0  # slots recomputed so far
-        self.target = cache
-        if apart:
-            self.target = model.new_cache(cache.max_len)
-            self.target.load(0, *cache.view(0, frontier))
 
     def append(self, token: int) -> None:
         """The next slot's token (its K/V now in the cache, computed over a stale prefix)."""
@@ -65,22 +58,15 @@ class RepairJob:
             start, model = self.frontier, self.model
             ids = torch.tensor([self.ids[start:end]], device=model.device)
             # logits_for=slice(0, 0): only the K/V are wanted, no output rows.
-            model.run(ids, model.context(self.target, start, end - start), outputs=slice(0, 0))
+            model.run(ids, model.context(self.cache, start, end - start), outputs=slice(0, 0))
             self.repaired += end - start
             self.frontier = end
-            if self.done and self.target is not self.cache:
-                span = slice(self.start, end)
-                self.cache.k[:, :, :, span] = self.target.k[:, :, :, span]
-                self.cache.v[:, :, :, span] = self.target.v[:, :, :, span]
-                self.target = self.cache
         return self.done
 
 
-def blend_repair(
-    model: Transformer, cache: KVCache, prompt: Prompt, apart: bool = False
-) -> RepairJob | None:
+def blend_repair(model: Transformer, cache: KVCache, prompt: Prompt) -> RepairJob | None:
     """The job that makes a blended (or reused) prompt's cache exact: everything after the
     first chunk, which sits where its K/V were computed. None with nothing stale (one chunk)."""
     if len(prompt.chunks) < 2:
         return None
-    return RepairJob(model, cache, prompt.ids(), prompt.chunk_starts[1], apart)
+    return RepairJob(model, cache, prompt.ids(), prompt.chunk_starts[1])

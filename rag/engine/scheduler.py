@@ -30,6 +30,7 @@ from rag.engine.decode import DecodeResult, Output, new_drafter
 from rag.engine.engine import Engine, Prefill
 from rag.engine.lookahead import Lookahead, compact
 from rag.engine.prompt import Prompt
+from rag.engine.repair import RepairJob, blend_repair
 from rag.engine.request import Request
 from rag.engine.sampling import sample
 from rag.model.kv_cache import KVCache
@@ -43,6 +44,7 @@ MIN_SLICE_MS = 20.0  # below this a prefill would crawl behind a large batch
 # Lookahead drafts only while the batch is this small: above it, the rows a draft tree adds
 # cost more than the tokens it saves (eval/RESULTS_load.md).
 DRAFT_MAX_BATCH = 1
+REPAIR_SLICE_TOKENS = 256  # a repair's forward at a time (its layers are where turns change)
 
 
 @dataclass
@@ -144,6 +146,8 @@ class Scheduler:
             first = sample(pre.logits[-1], p.temperature, p.top_p, seq.generator)
             seq.result.first_token_at = time.perf_counter()
             if self._emit(seq, [first]):
+                if blended and request.repair:
+                    self._repair(ticket, blend_repair(eng.model, seq.cache, prompt), request)
                 with self._cond:
                     self._ready.append(seq)
                     self._cond.notify_all()
@@ -156,6 +160,20 @@ class Scheduler:
         r.ids, r.text, r.finish = seq.out.ids, seq.out.final_text(), seq.out.finish
         with self._memory:
             return eng.record_decode(request, r, room, t_decode, drafter is not None)
+
+    def _repair(self, me: int, job: RepairJob | None, request: Request) -> None:
+        """Make a blended request's K/V exact before its second token, in turns like a
+        prefill: every step it decodes in the batch then reads exact K/V (rag.engine.repair)."""
+        if job is None:
+            return
+        try:
+            with between_layers(lambda: self._pace(me)):
+                self._pace(me)
+                while not job.step(REPAIR_SLICE_TOKENS):
+                    pass
+        finally:
+            self._give_turn_back(me)
+        request.repaired_tokens = job.repaired
 
     def _pace(self, me: int) -> None:
         """Before each prefill layer: hold the turn, giving it back once the slice is spent."""
