@@ -8,12 +8,12 @@ import torch
 
 from eval.qa import Run, probe_logits
 from rag.config import SYSTEM_PROMPT
-from rag.engine.decode import decode
 from rag.engine.engine import Engine
 from rag.engine.lookahead import Lookahead
 from rag.engine.repair import RepairJob, blend_repair
 from rag.engine.request import GenerationParams, Request
 from tests.test_blend import QUESTION, TEXT
+from tests.test_decode import _run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,18 +63,7 @@ def _greedy(engine: Engine, prompt, ids: list[int], n: int) -> list[int]:
 
 
 def _decode(engine: Engine, pre, prompt, n: int, repair=None, repair_tokens=0, drafter=None):
-    return decode(
-        engine.model,
-        engine.step,
-        engine.tokenizer,
-        pre.cache,
-        pre.logits[-1],
-        len(prompt),
-        n,
-        drafter=drafter,
-        repair=repair,
-        repair_tokens=repair_tokens,
-    )
+    return _run(engine, pre, prompt, n, drafter, repair=repair, repair_tokens=repair_tokens)
 
 
 def test_repaired_cache_equals_full_prefill(engine, prompt):
