@@ -113,9 +113,9 @@ class Scheduler:
                 cache = eng.new_cache(len(prompt) + room, wait=True)
                 try:
                     self._pace(ticket)  # take the turn: stitching is compute too
-                    pre = eng.prefill(
-                        prompt, request.mode, request.ratio, kvs, room, request.gradual, cache
-                    )
+                    # Only the last position's logits: the first token is all that uses them.
+                    args = (prompt, request.mode, request.ratio, kvs, room, request.gradual, cache)
+                    pre = eng.prefill(*args, logit_rows=1)
                 except BaseException:
                     eng.release(cache)
                     raise
