@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from tqdm import tqdm
 
 from eval.samples import SAMPLE_QUESTIONS, SAMPLES
 from rag.config import Settings
+from rag.server.run import free_port
 
 MODES = ("full", "blend")
 
@@ -252,12 +252,6 @@ def _sweep(urls: dict[str, str], concurrencies: list[int], requests: int, **kw) 
                 else None
             )
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -24,9 +24,9 @@ from pathlib import Path
 import httpx
 import psutil
 
-from eval.redis_local import free_port
 from eval.samples import SAMPLES
 from rag.config import Settings
+from rag.server.run import free_port
 
 
 def document(mb: float) -> str:

@@ -18,11 +18,7 @@ from pathlib import Path
 
 import redis
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from rag.server.run import free_port
 
 
 def _bindable(port: int) -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from eval.redis_local import free_port
+from rag.server.run import free_port
 
 
 @dataclass

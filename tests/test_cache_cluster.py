@@ -19,7 +19,8 @@ from cache.factory import build_store
 from cache.redis_tier import RedisTier
 from cache.serde import dumps
 from cache.store import TieredStore
-from eval.redis_local import LocalCluster, free_port, have_redis_server
+from eval.redis_local import LocalCluster, have_redis_server
+from rag.server.run import free_port
 from tests.test_cache_redis import FP, key, make_entry, same
 
 pytestmark = [

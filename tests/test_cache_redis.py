@@ -17,7 +17,7 @@ from cache.entry import ChunkKV
 from cache.redis_tier import RedisTier
 from cache.serde import dumps
 from cache.store import TieredStore
-from tests.redis_server import free_port
+from rag.server.run import free_port
 
 FP = "fp"
 SHARED_URL = "redis://127.0.0.1:6379/0"
